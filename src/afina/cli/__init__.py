@@ -1,0 +1,1 @@
+"""The `afina` command line: one module per noun."""

@@ -1,0 +1,112 @@
+"""`afina data inspect` and `afina data preview`."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from afina.data.tokenize import tokenize_record
+from afina.data.validate import check_file
+
+app = typer.Typer(help="Check and preview data files.", no_args_is_help=True)
+console = Console()
+
+
+def _errors(command):
+    from afina.cli.main import user_errors
+
+    return user_errors(command)
+
+
+@app.command("inspect")
+def inspect_command(
+    path: Path = typer.Argument(..., help="Data file: .jsonl, .json, .csv or .parquet"),
+    model: str = typer.Option("default", help="Model whose tokenizer measures lengths"),
+    max_length: int = typer.Option(1024, help="Length limit in tokens"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Exit 0 even if rows are invalid"),
+) -> None:
+    """Report formats, token lengths, rows over the limit, duplicates and every problem with its line."""
+    _errors(_inspect)(path, model, max_length, skip_invalid)
+
+
+def _inspect(path: Path, model: str, max_length: int, skip_invalid: bool) -> None:
+    from afina.models.loading import load_tokenizer
+    from afina.pipeline.run import quiet_libraries
+
+    report = check_file(path)
+    quiet_libraries()
+    tokenizer = load_tokenizer(model)
+    lengths, over = [], 0
+    for record in report.records:
+        if record.kind == "preference":
+            continue
+        example = tokenize_record(record, tokenizer, max_length=10**9)
+        lengths.append(len(example.input_ids))
+        if len(example.input_ids) > max_length:
+            over += 1
+            from afina.data.formats import Problem
+
+            report.problems.append(Problem("too_long", record.line, None,
+                                           f"{len(example.input_ids)} tokens, over max_length={max_length}",
+                                           severity="warning"))
+    summary = Table(title=f"{path}", show_header=False)
+    summary.add_row("rows read", str(report.rows_read))
+    summary.add_row("valid rows", str(len(report.records)))
+    summary.add_row("invalid rows", str(len({p.line for p in report.errors})))
+    summary.add_row("formats", ", ".join(f"{k} {v}" for k, v in report.formats.items()) or "-")
+    summary.add_row("exact duplicates", str(report.duplicates))
+    summary.add_row(f"over {max_length} tokens", str(over))
+    if lengths:
+        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
+        summary.add_row("tokens min / median / p95 / max",
+                        f"{min(lengths)} / {int(statistics.median(lengths))} / {int(q[18])} / {max(lengths)}")
+        summary.add_row("tokens total", f"{sum(lengths):,}")
+    console.print(summary)
+    if report.problems:
+        problems = Table(title="problems")
+        for column in ("code", "line", "field", "message"):
+            problems.add_column(column)
+        for p in report.problems[:50]:
+            style = "red" if p.severity == "error" else "yellow"
+            problems.add_row(f"[{style}]{p.code}[/]", str(p.line or ""), p.field or "", p.message)
+        console.print(problems)
+        if len(report.problems) > 50:
+            console.print(f"... and {len(report.problems) - 50} more")
+    if report.errors and not skip_invalid:
+        raise typer.Exit(2)
+
+
+@app.command("preview")
+def preview_command(
+    path: Path = typer.Argument(..., help="Data file"),
+    index: int = typer.Option(0, help="Which valid row to show (0-based)"),
+    model: str = typer.Option("default", help="Model whose chat template and tokenizer are used"),
+    train_on_prompt: bool = typer.Option(False, help="Preview with every token trained"),
+) -> None:
+    """Show one example as the model sees it; trained tokens are highlighted."""
+    _errors(_preview)(path, index, model, train_on_prompt)
+
+
+def _preview(path: Path, index: int, model: str, train_on_prompt: bool) -> None:
+    from afina.errors import AfinaError
+    from afina.models.loading import load_tokenizer
+    from afina.pipeline.run import quiet_libraries
+
+    report = check_file(path)
+    if not 0 <= index < len(report.records):
+        raise AfinaError("index_out_of_range", f"the file has {len(report.records)} valid rows", location="--index")
+    quiet_libraries()
+    tokenizer = load_tokenizer(model)
+    record = report.records[index]
+    example = tokenize_record(record, tokenizer, max_length=10**9, train_on_prompt=train_on_prompt)
+    text = Text()
+    for token_id, trained in zip(example.input_ids, example.trained):
+        text.append(tokenizer.decode([token_id]), style="bold black on green" if trained else "dim")
+    console.print(f"{path}:{record.line} ({record.source_format}) · {len(example.input_ids)} tokens, "
+                  f"{example.trained_count} trained (highlighted)")
+    console.print(text)

@@ -1,0 +1,1 @@
+"""Data: reading files, detecting formats, validation, splitting, tokenization and packing."""

@@ -1,0 +1,1 @@
+"""Evaluation: generation metrics, loss and perplexity, and the base-versus-tuned comparison."""

@@ -1,0 +1,68 @@
+"""Evaluate a model on a test split and compare the tuned model with its base."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+from afina.config.schema import EvalConfig
+from afina.data.records import Record
+from afina.data.tokenize import Example
+from afina.eval.generation import generate_answers
+from afina.eval.metrics import score_generations
+from afina.training.loop import evaluate_loss
+
+
+def evaluate_model(model, tokenizer, records: list[Record], examples: list[Example], config: EvalConfig,
+                   row_length: int, on_batch=None) -> dict:
+    """Loss and perplexity on the test examples, then generation metrics on their prompts."""
+    loss, tokens = evaluate_loss(model, examples, row_length, 1, tokenizer.pad_token_id)
+    references = [r.reference_answer() or "" for r in records]
+    predictions = generate_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size, on_batch)
+    scores = score_generations(predictions, references)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, **scores,
+            "predictions": predictions, "references": references}
+
+
+METRIC_ROWS = [("loss", "test loss", False), ("perplexity", "perplexity", False), ("exact_match", "exact match", True),
+               ("json_valid", "valid JSON", True), ("field_accuracy_mean", "field accuracy (mean)", True),
+               ("rouge_l", "ROUGE-L", True)]
+
+
+def comparison_table(base: dict, tuned: dict) -> Table:
+    """Side-by-side metrics; higher is better except for loss and perplexity."""
+    table = Table(title="base vs tuned on the test split")
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("tuned", justify="right")
+    table.add_column("change", justify="right")
+    rows = list(METRIC_ROWS) + [(f"field:{key}", f"  {key}", True) for key in tuned.get("field_accuracy", {})]
+    for key, label, higher_better in rows:
+        b, t = _metric(base, key), _metric(tuned, key)
+        if b is None or t is None:
+            continue
+        better = t > b if higher_better else t < b
+        style = "green" if better else ("red" if t != b else "")
+        fmt = "{:.1%}" if higher_better else "{:.3f}"
+        change = (f"{t - b:+.1%}" if higher_better else f"{t - b:+.3f}")
+        table.add_row(label, fmt.format(b), fmt.format(t), f"[{style}]{change}[/]" if style else change)
+    return table
+
+
+def _metric(result: dict, key: str) -> float | None:
+    if key.startswith("field:"):
+        return result.get("field_accuracy", {}).get(key[6:])
+    return result.get(key)
+
+
+def examples_table(records: list[Record], base: dict, tuned: dict, count: int = 3) -> Table:
+    table = Table(title=f"{count} test examples", show_lines=True)
+    table.add_column("input", max_width=48)
+    table.add_column("expected", max_width=30)
+    table.add_column("base", max_width=30)
+    table.add_column("tuned", max_width=30)
+    for index, record in enumerate(records[:count]):
+        prompt = record.prompt_messages()[-1]["content"] if record.prompt_messages() else ""
+        table.add_row(prompt, tuned["references"][index], base["predictions"][index], tuned["predictions"][index])
+    return table

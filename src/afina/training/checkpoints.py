@@ -1,0 +1,113 @@
+"""Atomic checkpoints.
+
+A checkpoint is written into a hidden staging directory, every file is fsynced and hashed into
+`manifest.json`, and only then is the directory renamed to `step-NNNNNNN`. A crash mid-write leaves
+a staging directory that is never read; a checkpoint whose files no longer match its manifest is
+skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT = re.compile(r"^step-(\d{7})$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict  # loop state: epoch, batch index, tokens seen, ...
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                    state: dict, keep: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:07d}"
+    staging = directory / f".staging-step-{step:07d}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, staging / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               staging / "optimizer.pt")
+    (staging / "state.json").write_text(json.dumps({**state, "step": step}))
+    files = sorted(p for p in staging.iterdir())
+    for path in files:
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    manifest = {"step": step, "files": {p.name: sha256(p) for p in files}}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync_dir(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Completed checkpoint directories, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and CHECKPOINT.match(p.name))
+
+
+def is_intact(path: Path) -> bool:
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return all((path / name).is_file() and sha256(path / name) == digest
+                   for name, digest in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def latest_checkpoint(directory: Path) -> Checkpoint | None:
+    """The newest checkpoint whose files match its manifest."""
+    for path in reversed(list_checkpoints(directory)):
+        if is_intact(path):
+            state = json.loads((path / "state.json").read_text())
+            return Checkpoint(path, state["step"], state)
+    return None
+
+
+def restore_checkpoint(checkpoint: Checkpoint, trainable: dict[str, torch.Tensor], optimizer, scheduler) -> None:
+    weights = load_file(checkpoint.path / "trainable.safetensors")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(weights[name])
+    saved = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"]:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])

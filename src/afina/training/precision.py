@@ -1,0 +1,23 @@
+"""Choose the compute precision: bf16 autocast only where the hardware runs it fast."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cpu_has_fast_bf16() -> bool:
+    # Without native bf16 instructions (AVX512-BF16 or AMX) CPU autocast emulates bf16 and runs
+    # an order of magnitude slower than fp32 (measured: 115 vs 6 tokens/s on an AVX2 EPYC).
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` -> `bf16` on CUDA with bf16 or a CPU with native bf16, else `fp32`."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
