@@ -76,7 +76,9 @@ class RunConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _method_shorthand(cls, data: object) -> object:
-        """`method: lora` is short for `method: {name: lora}`."""
+        """`method: lora` is short for `method: {name: lora}`; a method without a name is LoRA."""
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             data = {**data, "method": {"name": data["method"]}}
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {"name": "lora", **data["method"]}}
         return data

@@ -128,6 +128,8 @@ def _read_json(path: Path) -> Iterator[RawRow]:
         elif position >= len(text) or text[position] != "]":
             raise AfinaError("invalid_json", "expected ',' or ']' between examples",
                              location=f"{path}:{text.count(chr(10), 0, position) + 1}")
+    if position >= len(text):
+        raise AfinaError("invalid_json", "the array is not closed with ']'", location=f"{path}:{text.count(chr(10)) + 1}")
 
 
 def _skip_space(text: str, position: int) -> int:

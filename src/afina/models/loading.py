@@ -93,9 +93,14 @@ def resolve_model_dir(name: str) -> str:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    source = resolve_model_dir(name)
+    """The model's tokenizer. For the default model this reads the GGUF directly until the model is
+    cached, so checking data never writes to the afina home."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        if name == "default" and not (models_cache_dir() / DEFAULT_MODEL_CACHE_NAME / "model.safetensors").is_file():
+            gguf = default_gguf_path()
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name), trust_remote_code=False)
     except OSError as exc:
         raise AfinaError("model_not_found", f"cannot load tokenizer for {name!r}: {exc}", location="model") from exc
     if tokenizer.pad_token is None:

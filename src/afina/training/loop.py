@@ -74,6 +74,7 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
           run_dir: Path, pad_id: int, console: Console | None = None) -> TrainResult:
     """Train `model` in place; resumes from the run's newest intact checkpoint if there is one."""
     console = console or Console()
+    run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(config.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     trainable = trainable_parameters(model)
@@ -108,7 +109,7 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
                     with accelerator.autocast():
                         loss = sft_loss_sum(model, batch) / step_tokens
                     accelerator.backward(loss)
-                    loss_total += float(loss)
+                    loss_total += float(loss.detach())
                 grad_norm = float(accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm))
                 optimizer.step()
                 scheduler.step()

@@ -1,0 +1,87 @@
+import shutil
+
+import torch
+from rich.console import Console
+
+from afina.config.schema import LoraMethod, TrainingConfig
+from afina.data.formats import normalize_row
+from afina.data.tokenize import tokenize_records
+from afina.models.adapters import apply_method, trainable_parameters
+from afina.models.loading import load_model
+from afina.training.checkpoints import latest_checkpoint, list_checkpoints
+from afina.training.loop import evaluate_loss, train
+
+QUIET = Console(quiet=True)
+
+
+def examples(tokenizer, rows):
+    return tokenize_records([normalize_row(r, i + 1)[0] for i, r in enumerate(rows)], tokenizer, 512)
+
+
+def lora_model(model_dir):
+    torch.manual_seed(0)
+    return apply_method(load_model(str(model_dir)), LoraMethod(r=4, alpha=8, dropout=0.1))
+
+
+def config(**changes):
+    values = dict(max_steps=12, row_length=256, learning_rate=5e-3, eval_every=4, save_every=4, warmup_ratio=0.1,
+                  keep_checkpoints=10, precision="fp32")
+    return TrainingConfig(**(values | changes))
+
+
+def test_short_run_lowers_loss_trains_every_lora_weight_and_no_base_weight(tiny_model_dir, tiny_tokenizer,
+                                                                          ticket_rows, tmp_path):
+    data = examples(tiny_tokenizer, ticket_rows)
+    model = lora_model(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_before, _ = evaluate_loss(model, data, 256, 1, tiny_tokenizer.pad_token_id)
+    result = train(model, data, data[:8], config(max_steps=30, learning_rate=2e-2), tmp_path / "run",
+                   tiny_tokenizer.pad_token_id, QUIET)
+    loss_after, _ = evaluate_loss(model, data, 256, 1, tiny_tokenizer.pad_token_id)
+    assert result.steps == 30 and loss_after < loss_before * 0.8
+    trainable = trainable_parameters(model)
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"base weight {name} changed"
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"validation"') == 8
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path):
+    data = examples(tiny_tokenizer, ticket_rows)
+    pad = tiny_tokenizer.pad_token_id
+    straight = lora_model(tiny_model_dir)
+    train(straight, data, data[:4], config(gradient_accumulation=2), tmp_path / "straight", pad, QUIET)
+
+    # a run killed right after its step-4 checkpoint: only that checkpoint exists
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-0000004", resumed_dir / "checkpoints" / "step-0000004")
+    resumed = lora_model(tiny_model_dir)
+    torch.manual_seed(1234)  # a different RNG state (dropout): the checkpoint must restore its own
+    result = train(resumed, data, data[:4], config(gradient_accumulation=2), resumed_dir, pad, QUIET)
+    assert result.resumed_from == 4 and result.steps == 12
+    for (name, a), (_, b) in zip(trainable_parameters(straight).items(), trainable_parameters(resumed).items()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path):
+    data = examples(tiny_tokenizer, ticket_rows)
+    run = tmp_path / "run"
+    train(lora_model(tiny_model_dir), data, [], config(max_steps=8), run, tiny_tokenizer.pad_token_id, QUIET)
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    with (newest / "trainable.safetensors").open("r+b") as handle:
+        handle.seek(200)
+        handle.write(b"\xff\xff\xff\xff")
+    (run / "checkpoints" / ".staging-step-0000012").mkdir()  # a half-written one is never considered
+    assert latest_checkpoint(run / "checkpoints").step == 4
+
+
+def test_checkpoint_retention_keeps_the_last_k(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path):
+    data = examples(tiny_tokenizer, ticket_rows)
+    run = tmp_path / "run"
+    train(lora_model(tiny_model_dir), data, [], config(max_steps=12, keep_checkpoints=2), run,
+          tiny_tokenizer.pad_token_id, QUIET)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-0000008", "step-0000012"]
