@@ -99,3 +99,19 @@ def test_train_then_eval_on_user_data(tmp_path, afina_home, tiny_model_dir, tick
     result = run("eval", run_dir)
     assert result.exit_code == 0, result.output
     assert "base vs tuned" in result.output and (run_dir / "eval.json").is_file()
+
+
+def test_resume_from_the_command_line(tmp_path, afina_home, tiny_model_dir, ticket_rows):
+    import shutil
+
+    path = write_jsonl(tmp_path / "d.jsonl", ticket_rows)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"name: r\nmodel: {tiny_model_dir}\ndata: {{path: d.jsonl}}\n"
+                      "training: {max_steps: 4, row_length: 128, save_every: 2, keep_checkpoints: 5}\n")
+    assert run("train", config).exit_code == 0
+    (run_dir,) = (afina_home / "runs").iterdir()
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000004")  # as if killed before the last checkpoint
+    result = run("train", "--resume", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and (run_dir / "checkpoints" / "step-0000004").is_dir()
+    assert_user_error(run("train"), "missing_config", "command line", afina_home / "none")

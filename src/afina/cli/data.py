@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from afina.data.formats import Problem
 from afina.data.tokenize import tokenize_record
 from afina.data.validate import check_file
 
@@ -49,8 +50,6 @@ def _inspect(path: Path, model: str, max_length: int, skip_invalid: bool) -> Non
         lengths.append(len(example.input_ids))
         if len(example.input_ids) > max_length:
             over += 1
-            from afina.data.formats import Problem
-
             report.problems.append(Problem("too_long", record.line, None,
                                            f"{len(example.input_ids)} tokens, over max_length={max_length}",
                                            severity="warning"))

@@ -12,7 +12,7 @@ from afina.errors import AfinaError
 
 
 def train_command(
-    config: Path = typer.Argument(..., help="Run config (YAML)"),
+    config: Path = typer.Argument(None, help="Run config (YAML); not needed with --resume"),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. training.max_steps=20"),
     resume: Path = typer.Option(None, "--resume", help="Run directory to resume from its last good checkpoint"),
 ) -> None:
@@ -25,6 +25,8 @@ def train_command(
         if not (resume / "config.json").is_file():
             raise AfinaError("run_not_found", "not a run directory (no config.json)", location=str(resume))
         run_config = load_run_config(resume)
+    elif config is None:
+        raise AfinaError("missing_config", "give a run config, or --resume RUN_DIR", location="command line")
     else:
         run_config = load_config(config, overrides or [])
     run_dir, _ = run_training(run_config, console, resume_dir=resume)

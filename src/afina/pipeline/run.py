@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,6 +37,8 @@ SPLITS = ("train", "validation", "test")
 
 
 def quiet_libraries() -> None:
+    """Library chatter (deprecation notices, per-file progress bars) hides afina's own progress."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
@@ -107,7 +110,8 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     run_dir = resume_dir or new_run_dir(config.name)
     if resume_dir is None:
         write_run_inputs(run_dir, config, data)
-    model = load_model(config.model)
+    with console.status(f"loading {config.model} (the default model is converted from GGUF on first use)"):
+        model = load_model(config.model)
     torch.manual_seed(config.training.seed)
     model = apply_method(model, config.method)
     result = train(model, data.examples["train"], data.examples["validation"], config.training, run_dir,
