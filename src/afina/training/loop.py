@@ -119,9 +119,11 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
                 state["tokens"] += sum(b.tokens for b in micro)
                 state["train_loss"] = loss_total
                 tokens_this_session += sum(b.tokens for b in micro)
-                rate = tokens_this_session / (time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                rate = tokens_this_session / elapsed
                 metrics.write("train", step, loss=loss_total, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                              tokens_per_second=rate, epoch=state["epoch"])
+                              tokens=sum(b.tokens for b in micro), elapsed=elapsed, tokens_per_second=rate,
+                              epoch=state["epoch"])
                 if step % config.eval_every == 0 or step == steps:
                     if validation_examples:
                         validation_loss, _ = evaluate_loss(model, validation_examples, config.row_length,

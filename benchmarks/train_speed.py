@@ -1,0 +1,276 @@
+"""Training speed and memory: afina against TRL's SFTTrainer + PEFT, side by side, in one run.
+
+    python benchmarks/train_speed.py                 # default model, bundled tickets, all systems
+    python benchmarks/train_speed.py --quick         # a smoke run: 1 repeat, 2 steps, a small epoch
+
+Systems, all LoRA r=16 alpha=32 dropout=0 on every linear layer, AdamW at lr 2e-4, about 8 examples
+per optimizer step, fp32 weights:
+  afina        afina's loop (packing, loss only at trained positions, precision auto)
+  trl_default  SFTTrainer with the settings a user would typically leave alone (its defaults)
+  trl_best     the fastest SFTTrainer variant that runs here, chosen by measuring each variant
+
+Each measurement runs in a fresh process so peak resident memory is its own. Tokens per second
+count non-padding tokens over `--steps` optimizer steps after `--warmup` untimed ones, median of
+`--repeats` runs. Then each system trains one epoch and its validation loss on assistant tokens is
+computed by the same afina function on the same held-out rows. Writes results.md, results.json and
+chart.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+LEARNING_RATE = 2e-4
+EXAMPLES_PER_STEP = 8
+TRL_VARIANTS = {
+    "fp32": {"bf16": False, "gradient_checkpointing": False},
+    "fp32+completion_only": {"bf16": False, "gradient_checkpointing": False, "prompt_completion": True},
+    "fp32+packing": {"bf16": False, "gradient_checkpointing": False, "packing": True, "prompt_completion": True},
+    "fp32+padding_free": {"bf16": False, "gradient_checkpointing": False, "padding_free": True,
+                          "prompt_completion": True},
+    "bf16": {"bf16": True, "gradient_checkpointing": False, "prompt_completion": True},
+}
+
+
+# ---------------------------------------------------------------- shared data and evaluation
+
+def load_data(model: str, epoch_fraction: float):
+    from afina.data.split import split_records
+    from afina.data.tokenize import tokenize_records
+    from afina.data.validate import load_records
+    from afina.models.loading import load_tokenizer
+    from afina.pipeline.run import quiet_libraries, resolve_data_path
+
+    quiet_libraries()
+    records = load_records(resolve_data_path("bundled:tickets")).records
+    splits = split_records(records, 0.1, 0.1, seed=0)
+    train = splits["train"][: max(EXAMPLES_PER_STEP, int(len(splits["train"]) * epoch_fraction))]
+    tokenizer = load_tokenizer(model)
+    train_examples = tokenize_records(train, tokenizer, 256)
+    validation_examples = tokenize_records(splits["validation"], tokenizer, 256)
+    return train, train_examples, validation_examples, tokenizer
+
+
+def validation_loss(model, validation_examples, tokenizer) -> float:
+    from afina.training.loop import evaluate_loss
+
+    loss, _ = evaluate_loss(model, validation_examples, 4096, 1, tokenizer.pad_token_id)
+    return loss
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+def run_afina(job: dict) -> dict:
+    import torch
+    from rich.console import Console
+
+    from afina.config.schema import LoraMethod, TrainingConfig
+    from afina.models.adapters import apply_method
+    from afina.models.loading import load_model
+    from afina.training.loop import train
+
+    records, examples, validation, tokenizer = load_data(job["model"], job["epoch_fraction"])
+    mean_length = sum(len(e.input_ids) for e in examples) / len(examples)
+    row_length = int(mean_length * EXAMPLES_PER_STEP)
+    torch.manual_seed(0)
+    model = apply_method(load_model(job["model"]), LoraMethod(**LORA))
+    steps = None if job["mode"] == "epoch" else job["warmup"] + job["steps"]
+    config = TrainingConfig(max_steps=steps, epochs=1, row_length=row_length, learning_rate=LEARNING_RATE,
+                            warmup_ratio=0.0, eval_every=10**9, save_every=10**9, keep_checkpoints=1, schedule="linear")
+    with tempfile.TemporaryDirectory() as run_dir:
+        started = time.perf_counter()
+        train(model, examples, [], config, Path(run_dir), tokenizer.pad_token_id, Console(quiet=True))
+        wall = time.perf_counter() - started
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"]
+    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(rows)}
+    if job["mode"] == "epoch":
+        result["validation_loss"] = validation_loss(model, validation, tokenizer)
+    else:
+        timed = rows[job["warmup"]:]
+        seconds = timed[-1]["elapsed"] - rows[job["warmup"] - 1]["elapsed"] if job["warmup"] else timed[-1]["elapsed"]
+        result["tokens_per_second"] = sum(r["tokens"] for r in timed) / seconds
+    return result
+
+
+def run_trl(job: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from afina.models.loading import load_model
+
+    records, examples, validation, tokenizer = load_data(job["model"], job["epoch_fraction"])
+    variant = dict(TRL_VARIANTS.get(job["variant"], {}))
+    prompt_completion = variant.pop("prompt_completion", False)
+    if prompt_completion:
+        rows = [{"prompt": r.prompt_messages(), "completion": [{"role": "assistant", "content": r.reference_answer()}]}
+                for r in records]
+    else:
+        rows = [{"messages": [{"role": m.role, "content": m.content} for m in r.messages]} for r in records]
+    mean_length = sum(len(e.input_ids) for e in examples) / len(examples)
+    torch.manual_seed(0)
+    model = load_model(job["model"])
+    steps = -1 if job["mode"] == "epoch" else job["warmup"] + job["steps"]
+    packing = variant.get("packing", False)
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, num_train_epochs=1, learning_rate=LEARNING_RATE,
+                     per_device_train_batch_size=1 if packing else EXAMPLES_PER_STEP,
+                     max_length=int(mean_length * EXAMPLES_PER_STEP) if packing else 1024,
+                     save_strategy="no", report_to=[], logging_steps=1, seed=0, use_cpu=True,
+                     dataloader_num_workers=0, **variant)
+    stamps: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            stamps.append(time.perf_counter())
+
+    peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=peft, callbacks=[StepTimes()])
+    counts: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        counts.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(stamps)}
+    if job["mode"] == "epoch":
+        result["validation_loss"] = validation_loss(trainer.model, validation, tokenizer)
+    else:
+        warm = job["warmup"]
+        result["tokens_per_second"] = sum(counts[warm : warm + job["steps"]]) / (stamps[-1] - stamps[warm - 1])
+    return result
+
+
+# ---------------------------------------------------------------- driver
+
+def measure(job: dict) -> dict:
+    """Run one job in a fresh Python process; returns its JSON result (or the error it died with)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+                          env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def speed(job: dict, repeats: int) -> dict:
+    runs = [measure({**job, "mode": "speed"}) for _ in range(repeats)]
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    return {"tokens_per_second": statistics.median(r["tokens_per_second"] for r in good),
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good), "runs": runs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epoch-fraction", type=float, default=1.0, help="share of the training split in the epoch")
+    parser.add_argument("--skip-epoch", action="store_true", help="only measure speed and memory")
+    parser.add_argument("--variants", default=",".join(TRL_VARIANTS), help="TRL variants tried for trl_best")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 2 steps, 5%% of the epoch")
+    parser.add_argument("--out", default="results/train_speed")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(run_afina(job) if job["system"] == "afina" else run_trl(job)))
+        return
+    if args.quick:
+        args.repeats, args.steps, args.epoch_fraction = 1, 2, 0.05
+    base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": args.epoch_fraction}
+    results: dict[str, dict] = {}
+    results["afina"] = speed({**base, "system": "afina"}, args.repeats)
+    print("afina", results["afina"].get("tokens_per_second"), flush=True)
+    results["trl_default"] = speed({**base, "system": "trl", "variant": "defaults"}, args.repeats)
+    print("trl_default", results["trl_default"].get("tokens_per_second"), flush=True)
+    variants = {}
+    for name in args.variants.split(","):
+        variants[name] = measure({**base, "system": "trl", "variant": name, "mode": "speed"})
+        print("trl variant", name, variants[name].get("tokens_per_second", variants[name].get("error")), flush=True)
+    ranked = sorted((v["tokens_per_second"], k) for k, v in variants.items() if "tokens_per_second" in v)
+    best = ranked[-1][1]
+    results["trl_best"] = {**speed({**base, "system": "trl", "variant": best}, args.repeats), "variant": best}
+    if not args.skip_epoch:
+        for name, job in (("afina", {"system": "afina"}), ("trl_default", {"system": "trl", "variant": "defaults"}),
+                          ("trl_best", {"system": "trl", "variant": best})):
+            results[name]["epoch"] = measure({**base, **job, "mode": "epoch"})
+            print(name, "epoch", results[name]["epoch"], flush=True)
+    write_report(results, variants, args, Path(args.out))
+
+
+def write_report(results: dict, variants: dict, args, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"results": results, "variants": variants, "args": vars(args)},
+                                                 indent=2))
+    afina = results["afina"]
+    faster = max(results["trl_default"].get("tokens_per_second", 0), results["trl_best"].get("tokens_per_second", 0))
+    lines = [f"# Training speed: afina vs TRL SFTTrainer + PEFT ({args.model} model, bundled tickets)", "",
+             f"median of {args.repeats} runs of {args.steps} optimizer steps after {args.warmup} warm-up step(s)", "",
+             "| system | tokens/s | peak RSS (MiB) | epoch wall (s) | validation loss | afina / system (tokens/s) "
+             "| afina / system (memory) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, result in results.items():
+        label = f"{name} ({result['variant']})" if "variant" in result else name
+        tps, rss = result.get("tokens_per_second"), result.get("peak_rss_mib")
+        epoch = result.get("epoch", {})
+        ratio_t = f"{afina['tokens_per_second'] / tps:.2f}x" if tps else "-"
+        ratio_m = f"{afina['peak_rss_mib'] / rss:.2f}x" if rss else "-"
+        lines.append(f"| {label} | {tps or 0:,.0f} | {rss or 0:,.0f} | {epoch.get('wall_seconds', 0):,.0f} | "
+                     f"{epoch.get('validation_loss', float('nan')):.4f} | {ratio_t} | {ratio_m} |")
+    lines += ["", f"afina tokens/s over the faster TRL setting: {afina['tokens_per_second'] / faster:.2f}x" if faster
+              else "", "", "TRL variants tried for trl_best:", ""]
+    lines += [f"- {k}: " + (f"{v['tokens_per_second']:,.0f} tokens/s, {v['peak_rss_mib']:,.0f} MiB"
+                            if "tokens_per_second" in v else f"failed: {v['error']}") for k, v in variants.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    draw_chart(results, out / "chart.png")
+    print("\n".join(lines))
+
+
+def draw_chart(results: dict, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.bar(names, [results[n].get("tokens_per_second", 0) for n in names], color="tab:blue")
+    left.set_title("tokens / second (higher is better)")
+    right.bar(names, [results[n].get("peak_rss_mib", 0) for n in names], color="tab:orange")
+    right.set_title("peak resident memory, MiB (lower is better)")
+    figure.tight_layout()
+    figure.savefig(target, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
