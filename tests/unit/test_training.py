@@ -85,3 +85,82 @@ def test_checkpoint_retention_keeps_the_last_k(tiny_model_dir, tiny_tokenizer, t
     train(lora_model(tiny_model_dir), data, [], config(max_steps=12, keep_checkpoints=2), run,
           tiny_tokenizer.pad_token_id, QUIET)
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-0000008", "step-0000012"]
+
+
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_tokenizer, ticket_rows,
+                                                                     tmp_path):
+    import os
+    import signal
+
+    data = examples(tiny_tokenizer, ticket_rows)
+    pad = tiny_tokenizer.pad_token_id
+    straight = lora_model(tiny_model_dir)
+    train(straight, data, data[:4], config(), tmp_path / "straight", pad, QUIET)
+
+    def terminate_at_step_6(step):
+        if step == 5:  # the signal lands mid-run; the loop finishes step 6 then stops
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run = tmp_path / "interrupted"
+    stopped = train(lora_model(tiny_model_dir), data, data[:4], config(), run, pad, QUIET, after_step=terminate_at_step_6)
+    assert stopped.status == "interrupted" and stopped.steps == 6
+    assert latest_checkpoint(run / "checkpoints").step == 6
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = lora_model(tiny_model_dir)
+    result = train(resumed, data, data[:4], config(), run, pad, QUIET)
+    assert result.status == "completed" and result.resumed_from == 6
+    for (name, a), (_, b) in zip(trainable_parameters(straight).items(), trainable_parameters(resumed).items()):
+        assert torch.equal(a, b), name
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path,
+                                                         monkeypatch):
+    from afina.training import loop
+
+    data = examples(tiny_tokenizer, ticket_rows)
+    calls = {"n": 0}
+    real = loop.sft_loss_sum
+
+    def spiking(model, batch, poison_from=None):
+        calls["n"] += 1
+        loss = real(model, batch)
+        bad = calls["n"] == 3 or (poison_from is not None and calls["n"] >= poison_from)
+        return loss * float("nan") if bad else loss
+
+    monkeypatch.setattr(loop, "sft_loss_sum", spiking)
+    model = lora_model(tiny_model_dir)
+    result = train(model, data, [], config(max_steps=6), tmp_path / "one", tiny_tokenizer.pad_token_id, QUIET)
+    assert result.status == "completed" and result.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in trainable_parameters(model).values())
+
+    calls["n"] = 0
+    monkeypatch.setattr(loop, "sft_loss_sum", lambda m, b: spiking(m, b, poison_from=3))
+    model = lora_model(tiny_model_dir)
+    result = train(model, data, [], config(max_steps=12, save_every=2), tmp_path / "many", tiny_tokenizer.pad_token_id,
+                   QUIET)
+    assert result.status == "diverged" and result.skipped_steps == 4 and result.steps == 6
+    assert latest_checkpoint(tmp_path / "many" / "checkpoints").step == 2  # the last good step, nothing after it
+    assert all(torch.isfinite(p).all() for p in trainable_parameters(model).values())
+
+
+def test_early_stopping_returns_the_best_checkpoint(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path):
+    from safetensors.torch import load_file
+
+    data = examples(tiny_tokenizer, ticket_rows)
+    model = lora_model(tiny_model_dir)
+    # a min_delta no run can beat: the first validation is the best, the next one ends the run
+    cfg = config(max_steps=30, eval_every=3, save_every=100, early_stopping_patience=1, early_stopping_min_delta=10.0,
+                 keep_checkpoints=1)
+    result = train(model, data, data[:8], cfg, tmp_path / "run", tiny_tokenizer.pad_token_id, QUIET)
+    assert result.status == "early_stopped" and result.steps == 6 and result.best_step == 3
+    best = load_file(tmp_path / "run" / "checkpoints" / "step-0000003" / "trainable.safetensors")
+    for name, param in trainable_parameters(model).items():
+        assert torch.equal(param, best[name]), name
+
+
+def test_time_budget_stops_with_a_checkpoint(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path):
+    data = examples(tiny_tokenizer, ticket_rows)
+    result = train(lora_model(tiny_model_dir), data, [], config(max_steps=50, max_time_minutes=1e-6),
+                   tmp_path / "run", tiny_tokenizer.pad_token_id, QUIET)
+    assert result.status == "time_limit" and result.steps == 1
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 1

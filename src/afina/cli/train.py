@@ -29,7 +29,11 @@ def train_command(
         raise AfinaError("missing_config", "give a run config, or --resume RUN_DIR", location="command line")
     else:
         run_config = load_config(config, overrides or [])
-    run_dir, _ = run_training(run_config, console, resume_dir=resume)
+    run_dir, result = run_training(run_config, console, resume_dir=resume)
+    if result.status == "interrupted":
+        raise typer.Exit(130)
+    if result.status == "diverged":
+        raise typer.Exit(1)
     console.print(f"next: afina eval {run_dir}")
 
 

@@ -57,6 +57,13 @@ class TrainingConfig(Strict):
     save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     seed: int = Field(0, description="Seed of initialization, data order and dropout.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without improvement; the best checkpoint is kept.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss drop that counts.")
+    max_nonfinite_steps: int = Field(
+        3, ge=0, description="Non-finite losses in a row that are skipped before the run stops as diverged.")
+    max_time_minutes: float | None = Field(
+        None, gt=0, description="Stop with a checkpoint once training has run this long (across resumes).")
 
 
 class EvalConfig(Strict):

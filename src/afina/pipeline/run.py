@@ -116,10 +116,17 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     model = apply_method(model, config.method)
     result = train(model, data.examples["train"], data.examples["validation"], config.training, run_dir,
                    data.tokenizer.pad_token_id, console)
+    if result.status == "interrupted":
+        console.print(f"interrupted at step {result.steps}; checkpoint saved. Resume with: afina train --resume {run_dir}")
+        return run_dir, result
     model.save_pretrained(run_dir / "adapter")
     data.tokenizer.save_pretrained(run_dir / "adapter")
-    console.print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.tokens_per_second:,.0f} tok/s); "
-                  f"run directory {run_dir}")
+    notes = {"early_stopped": f"; stopped early, keeping the best step {result.best_step}",
+             "time_limit": "; stopped at training.max_time_minutes",
+             "diverged": f"; stopped after repeated non-finite losses ({result.skipped_steps} steps skipped): "
+                         "lower training.learning_rate"}
+    console.print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.tokens_per_second:,.0f} tok/s)"
+                  f"{notes.get(result.status, '')}; run directory {run_dir}")
     return run_dir, result
 
 

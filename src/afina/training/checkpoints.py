@@ -38,7 +38,9 @@ def sha256(path: Path) -> str:
 
 
 def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict, keep: int) -> Path:
+                    state: dict, keep: int, keep_also: Path | None = None) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep` (and `keep_also`,
+    the best one)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:07d}"
     staging = directory / f".staging-step-{step:07d}"
@@ -62,7 +64,8 @@ def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tenso
     os.replace(staging, final)
     _fsync_dir(directory)
     for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old)
+        if old != keep_also:
+            shutil.rmtree(old)
     return final
 
 
@@ -100,11 +103,18 @@ def latest_checkpoint(directory: Path) -> Checkpoint | None:
     return None
 
 
-def restore_checkpoint(checkpoint: Checkpoint, trainable: dict[str, torch.Tensor], optimizer, scheduler) -> None:
-    weights = load_file(checkpoint.path / "trainable.safetensors")
+def restore_weights(path: Path | None, trainable: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's trained weights into the model (nothing to do without a checkpoint)."""
+    if path is None:
+        return
+    weights = load_file(path / "trainable.safetensors")
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(weights[name])
+
+
+def restore_checkpoint(checkpoint: Checkpoint, trainable: dict[str, torch.Tensor], optimizer, scheduler) -> None:
+    restore_weights(checkpoint.path, trainable)
     saved = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
