@@ -13,6 +13,7 @@ exactly the steps an uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -33,7 +34,7 @@ from afina.models.adapters import trainable_parameters
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
 from afina.training.loss import sft_loss_sum
 from afina.training.metrics import MetricsLog, plot_loss_curves
-from afina.training.precision import resolve_precision
+from afina.training.precision import autocast_for, resolve_precision
 from afina.training.schedule import make_scheduler
 
 
@@ -70,7 +71,7 @@ def evaluate_loss(model, examples: list[Example], row_length: int, rows_per_batc
     device = next(model.parameters()).device
     for start in range(0, len(rows), rows_per_batch):
         batch = collate_rows(rows[start : start + rows_per_batch], pad_id).to(device)
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+        with autocast() if autocast else contextlib.nullcontext():
             total += float(sft_loss_sum(model, batch))
         count += batch.trained_tokens
     model.train(was_training)
@@ -117,7 +118,8 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
     console = console or Console()
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(config.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    accelerator = Accelerator()
+    autocast = autocast_for(precision, accelerator.device)
     trainable = trainable_parameters(model)
     optimizer = torch.optim.AdamW(trainable.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = total_steps(train_examples, config)
@@ -157,7 +159,7 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
                 step_tokens = sum(b.trained_tokens for b in micro)
                 loss_total = 0.0
                 for batch in micro:
-                    with accelerator.autocast():
+                    with autocast():
                         loss = sft_loss_sum(model, batch) / step_tokens
                     accelerator.backward(loss)
                     loss_total += float(loss.detach())
@@ -188,7 +190,7 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
                 improved = False
                 if validation_examples and (step % config.eval_every == 0 or step == steps):
                     validation_loss, _ = evaluate_loss(model, validation_examples, config.row_length,
-                                                       config.rows_per_batch, pad_id, accelerator.autocast)
+                                                       config.rows_per_batch, pad_id, autocast)
                     metrics.write("validation", step, loss=validation_loss)
                     if state["best_loss"] is None or validation_loss < state["best_loss"] - config.early_stopping_min_delta:
                         state.update(best_loss=validation_loss, best_step=step, evals_without_improvement=0)

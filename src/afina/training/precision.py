@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 
 
@@ -21,3 +24,14 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of autocast contexts for the resolved precision (a no-op context for fp32).
+
+    Plain `torch.autocast` rather than accelerate's mixed-precision flag: accelerate keeps that flag
+    in a process-wide singleton, so two runs with different precisions in one process would clash.
+    """
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
