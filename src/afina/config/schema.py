@@ -6,9 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from afina.config.methods import LoraMethod, Method, Strict
 
 
 class DataConfig(Strict):
@@ -28,24 +26,15 @@ class DataConfig(Strict):
         return self
 
 
-class LoraMethod(Strict):
-    name: Literal["lora"] = "lora"
-    r: int = Field(16, ge=1, description="Rank of the low-rank update.")
-    alpha: float = Field(32, gt=0, description="Scale of the update (alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear for every linear layer but the output head.")
-
-
-Method = Annotated[LoraMethod, Field(discriminator="name")]
-
-
 class TrainingConfig(Strict):
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     row_length: int = Field(1024, ge=16, description="Tokens per packed row; examples are packed up to this length.")
-    rows_per_batch: int = Field(1, ge=1, description="Packed rows per micro-batch.")
+    rows_per_batch: int = Field(1, ge=1, description="Packed rows per micro-batch (halved automatically on out-of-memory).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about a third slower. Turned on "
+                           "automatically when a step runs out of memory.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
@@ -64,6 +53,16 @@ class TrainingConfig(Strict):
         3, ge=0, description="Non-finite losses in a row that are skipped before the run stops as diverged.")
     max_time_minutes: float | None = Field(
         None, gt=0, description="Stop with a checkpoint once training has run this long (across resumes).")
+    machine: str | None = Field(
+        None, description="Machine name in the price table (e.g. aws-p5.48xlarge), for live cost and max_cost.")
+    price_per_hour: float | None = Field(None, ge=0, description="Price of the machine per hour; overrides the table.")
+    max_cost: float | None = Field(None, gt=0, description="Stop with a checkpoint once the run has cost this much.")
+
+    @model_validator(mode="after")
+    def _cost_needs_a_price(self) -> "TrainingConfig":
+        if self.max_cost is not None and self.machine is None and self.price_per_hour is None:
+            raise ValueError("max_cost needs a price: set training.machine or training.price_per_hour")
+        return self
 
 
 class EvalConfig(Strict):

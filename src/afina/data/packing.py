@@ -73,12 +73,15 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
                  int((target_tensor != IGNORE).sum()), tokens)
 
 
-def epoch_batches(examples: list[Example], row_length: int, rows_per_batch: int, seed: int, epoch: int) -> list[list[list[Example]]]:
-    """The micro-batches of one epoch: examples shuffled by (seed, epoch), packed, grouped.
+def epoch_steps(examples: list[Example], row_length: int, rows_per_step: int, seed: int,
+                epoch: int) -> list[list[list[Example]]]:
+    """The optimizer steps of one epoch, each a list of packed rows: examples shuffled by
+    (seed, epoch), packed, grouped `rows_per_step` at a time.
 
-    Fixed by its arguments alone, so a resumed run rebuilds exactly the batches it would have seen.
+    Fixed by its arguments alone, so a resumed run rebuilds exactly the steps it would have seen;
+    how a step's rows are cut into micro-batches is the loop's business and never changes them.
     """
     order = list(examples)
     random.Random(seed * 100_003 + epoch).shuffle(order)
     rows = pack_examples(order, row_length)
-    return [rows[i : i + rows_per_batch] for i in range(0, len(rows), rows_per_batch)]
+    return [rows[i : i + rows_per_step] for i in range(0, len(rows), rows_per_step)]

@@ -123,9 +123,11 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     data.tokenizer.save_pretrained(run_dir / "adapter")
     notes = {"early_stopped": f"; stopped early, keeping the best step {result.best_step}",
              "time_limit": "; stopped at training.max_time_minutes",
+             "cost_limit": "; stopped at training.max_cost",
              "diverged": f"; stopped after repeated non-finite losses ({result.skipped_steps} steps skipped): "
                          "lower training.learning_rate"}
-    console.print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.tokens_per_second:,.0f} tok/s)"
+    cost = f", ${result.cost:,.2f}" if result.cost else ""
+    console.print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.tokens_per_second:,.0f} tok/s{cost})"
                   f"{notes.get(result.status, '')}; run directory {run_dir}")
     return run_dir, result
 

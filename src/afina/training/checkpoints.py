@@ -46,6 +46,23 @@ def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tenso
     staging = directory / f".staging-step-{step:07d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    try:
+        _write_files(staging, step, trainable, optimizer, scheduler, state)
+    except OSError:  # a full disk or an I/O error: leave nothing that looks like a checkpoint
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[:-keep]:
+        if old != keep_also:
+            shutil.rmtree(old)
+    return final
+
+
+def _write_files(staging: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                 state: dict) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, staging / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
@@ -59,14 +76,6 @@ def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tenso
     manifest = {"step": step, "files": {p.name: sha256(p) for p in files}}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync_dir(staging)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _fsync_dir(directory)
-    for old in list_checkpoints(directory)[:-keep]:
-        if old != keep_also:
-            shutil.rmtree(old)
-    return final
 
 
 def _fsync_dir(path: Path) -> None:

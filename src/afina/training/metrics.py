@@ -25,6 +25,11 @@ class MetricsLog:
             for key, value in values.items():
                 self.tensorboard.add_scalar(f"{split}/{key}", value, step)
 
+    def event(self, kind: str, step: int, message: str, **details) -> None:
+        """Something the run changed or decided on its own (out-of-memory recovery, a stop)."""
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"split": "event", "step": step, "kind": kind, "message": message, **details}) + "\n")
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()

@@ -1,0 +1,55 @@
+"""Out-of-memory recovery: recognise an allocation failure, free what it left, and pick the next
+smaller setting.
+
+A CUDA out-of-memory error and a failed CPU allocation both surface as exceptions that leave the
+process usable, so a step can be retried with a smaller micro-batch instead of losing the run.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+import torch
+
+MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in MEMORY_MESSAGES)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class MicroBatching:
+    """How an optimizer step's rows are cut into micro-batches. The rows per step never change,
+    so the effective batch (and the gradient) is the same whatever the micro-batch size."""
+
+    rows_per_micro_batch: int
+    gradient_checkpointing: bool
+
+    def smaller(self) -> "MicroBatching | None":
+        """Half the micro-batch (so twice the accumulation) with checkpointing on; None once
+        there is nothing left to give up (one row per micro-batch, checkpointing already on)."""
+        if self.rows_per_micro_batch == 1 and self.gradient_checkpointing:
+            return None
+        return MicroBatching(max(1, self.rows_per_micro_batch // 2), True)
+
+
+def set_gradient_checkpointing(model, enabled: bool) -> None:
+    """Recompute layer activations in backward instead of keeping them (transformers models)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "gradient_checkpointing_enable"):
+        return
+    if enabled:
+        # non-reentrant checkpointing works with frozen inputs (LoRA), so no input-grad hook is needed
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(base, "is_activation_checkpointing", False) or getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
