@@ -56,8 +56,8 @@ def load_data(model: str, epoch_fraction: float):
     splits = split_records(records, 0.1, 0.1, seed=0)
     train = splits["train"][: max(EXAMPLES_PER_STEP, int(len(splits["train"]) * epoch_fraction))]
     tokenizer = load_tokenizer(model)
-    train_examples = tokenize_records(train, tokenizer, 256)
-    validation_examples = tokenize_records(splits["validation"], tokenizer, 256)
+    train_examples = tokenize_records(train, tokenizer, 1024)
+    validation_examples = tokenize_records(splits["validation"], tokenizer, 1024)
     return train, train_examples, validation_examples, tokenizer
 
 

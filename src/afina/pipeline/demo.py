@@ -7,24 +7,19 @@ from rich.console import Console
 from afina.config.schema import RunConfig
 from afina.eval.compare import examples_table
 from afina.paths import models_cache_dir
-from afina.pipeline.run import evaluate_run, read_split, run_training
+from afina.models.artifacts import merge_trained
+from afina.models.loading import load_tokenizer
+from afina.pipeline.run import evaluate_run, load_tuned_model, read_split, run_training
 
 
 def run_demo(config: RunConfig, console: Console) -> dict:
     console.rule("afina demo: IT-ticket triage on SmolLM2-135M-Instruct")
     run_dir, _ = run_training(config, console)
-    from peft import PeftModel
-
-    from afina.models.loading import load_model
-
-    model = PeftModel.from_pretrained(load_model(config.model), run_dir / "adapter")
+    model = load_tuned_model(config, run_dir)
     report = evaluate_run(run_dir, console, model=model)
     console.print(examples_table(read_split(run_dir, "test"), report["base"], report["tuned"]))
     merged_dir = models_cache_dir() / f"{run_dir.name}-merged"
-    merged = model.merge_and_unload()
-    merged.save_pretrained(merged_dir)
-    from afina.models.loading import load_tokenizer
-
+    merge_trained(model, config.method).save_pretrained(merged_dir)
     load_tokenizer(config.model).save_pretrained(merged_dir)
     console.print(f"adapter: {run_dir / 'adapter'}\nmerged model: {merged_dir}\n"
                   f"loss curves: {run_dir / 'loss.png'}\nreport: {run_dir / 'eval.json'}")

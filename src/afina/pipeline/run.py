@@ -28,10 +28,12 @@ from afina.data.tokenize import Example, tokenize_records
 from afina.data.validate import DataReport, load_records
 from afina.errors import AfinaError
 from afina.eval.compare import comparison_table, evaluate_model
-from afina.models.adapters import apply_method
+from afina.models.adapters import apply_method, base_model, check_method_supported, freezes_base
+from afina.models.artifacts import load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.paths import runs_dir
 from afina.training.loop import TrainResult, train
+from afina.training.precision import resolve_precision
 
 SPLITS = ("train", "validation", "test")
 
@@ -63,9 +65,24 @@ class PreparedData:
     tokenizer: object
 
 
+def weights_dtype(config: RunConfig) -> torch.dtype:
+    """bf16 for a frozen base when the run computes in bf16 (half the memory, and autocast no longer
+    re-casts every weight at every step); fp32 for weights that are trained."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if resolve_precision(config.training.precision, device) == "bf16" and freezes_base(config.method):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tuned_model(config: RunConfig, run_dir: Path):
+    """The base model with what the run trained put back on it (adapter, modules or weights)."""
+    return load_trained(load_model(config.model, dtype=weights_dtype(config)), run_dir / "adapter")
+
+
 def prepare_data(config: RunConfig) -> PreparedData:
     """Read, check, split and tokenize. Raises AfinaError on bad input; writes nothing except the
     one-time default-model cache."""
+    check_method_supported(config.method)  # a CUDA-only method on a CPU machine: refuse before any work
     path = resolve_data_path(config.data.path)
     report = load_records(path, skip_invalid=config.data.skip_invalid)
     splits = split_records(report.records, config.data.validation, config.data.test, config.data.split_seed)
@@ -111,7 +128,7 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     if resume_dir is None:
         write_run_inputs(run_dir, config, data)
     with console.status(f"loading {config.model} (the default model is converted from GGUF on first use)"):
-        model = load_model(config.model)
+        model = load_model(config.model, dtype=weights_dtype(config))
     torch.manual_seed(config.training.seed)
     model = apply_method(model, config.method)
     result = train(model, data.examples["train"], data.examples["validation"], config.training, run_dir,
@@ -119,7 +136,7 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     if result.status == "interrupted":
         console.print(f"interrupted at step {result.steps}; checkpoint saved. Resume with: afina train --resume {run_dir}")
         return run_dir, result
-    model.save_pretrained(run_dir / "adapter")
+    save_trained(model, config.method, run_dir / "adapter")
     data.tokenizer.save_pretrained(run_dir / "adapter")
     notes = {"early_stopped": f"; stopped early, keeping the best step {result.best_step}",
              "time_limit": "; stopped at training.max_time_minutes",
@@ -145,9 +162,10 @@ def read_split(run_dir: Path, name: str) -> list[Record]:
 
 
 def evaluate_run(run_dir: Path, console: Console, model=None) -> dict:
-    """Compare the tuned model with its base on the run's test split; writes eval.json."""
-    from peft import PeftModel
+    """Compare the tuned model with its base on the run's test split; writes eval.json.
 
+    With a frozen base the base model is the tuned one with its additions switched off (one copy in
+    memory); full and freeze runs load a second, untouched copy."""
     quiet_libraries()
     config = load_run_config(run_dir)
     tokenizer = load_tokenizer(config.model)
@@ -158,11 +176,16 @@ def evaluate_run(run_dir: Path, console: Console, model=None) -> dict:
         raise AfinaError("no_test_rows", "the run has an empty test split", location=str(run_dir / "test.jsonl"))
     examples = tokenize_records(records, tokenizer, config.data.max_length, config.data.train_on_prompt)
     if model is None:
-        model = PeftModel.from_pretrained(load_model(config.model), run_dir / "adapter")
+        model = load_tuned_model(config, run_dir)
     row_length = config.training.row_length
     with console.status("evaluating the base model"):
-        with model.disable_adapter():
-            base = evaluate_model(model, tokenizer, records, examples, config.eval, row_length)
+        if freezes_base(config.method):
+            with base_model(model) as base_view:
+                base = evaluate_model(base_view, tokenizer, records, examples, config.eval, row_length)
+        else:
+            untouched = load_model(config.model, dtype=weights_dtype(config))
+            base = evaluate_model(untouched, tokenizer, records, examples, config.eval, row_length)
+            del untouched
     with console.status("evaluating the tuned model"):
         tuned = evaluate_model(model, tokenizer, records, examples, config.eval, row_length)
     report = {"run": str(run_dir), "model": config.model, "base": base, "tuned": tuned}

@@ -38,7 +38,8 @@ from afina.errors import AfinaError
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
 from afina.training.loss import sft_loss_sum
 from afina.training.cost import cost_of, price_per_hour
-from afina.training.memory import MicroBatching, free_memory, is_out_of_memory, set_gradient_checkpointing
+from afina.training.memory import (MicroBatching, checkpointing_enabled, free_memory, is_out_of_memory,
+                                   set_gradient_checkpointing)
 from afina.training.metrics import MetricsLog, plot_loss_curves
 from afina.training.precision import autocast_for, resolve_precision
 from afina.training.schedule import make_scheduler
@@ -151,7 +152,7 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
     checkpoints_dir = run_dir / "checkpoints"
     state = {"epoch": 0, "step_in_epoch": 0, "tokens": 0, "train_loss": float("nan"), "best_loss": None,
              "best_step": None, "evals_without_improvement": 0, "skipped_steps": 0, "seconds": 0.0,
-             "rows_per_micro_batch": config.rows_per_batch, "gradient_checkpointing": config.gradient_checkpointing}
+             "rows_per_micro_batch": config.rows_per_batch, "gradient_checkpointing": checkpointing_enabled(model)}
     step, resumed_from = 0, None
     checkpoint = latest_checkpoint(checkpoints_dir)
     if checkpoint is not None:

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from afina.data.packing import IGNORE, Batch
 from afina.models.adapters import body_and_head
+from afina.models.loreft import prompt_mask_from_targets
 
 CHUNK_TOKENS = 1024  # trained positions projected at once: 1024 x 49k fp32 logits is 200 MB
 
@@ -25,7 +26,8 @@ def sft_loss_sum(model, batch: Batch) -> torch.Tensor:
     optimizer step: packed, unpacked and accumulated batches then give the same loss.
     """
     body, head = body_and_head(model)
-    hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                  prompt_mask=prompt_mask_from_targets(batch.targets, batch.position_ids)).last_hidden_state
     mask = batch.targets != IGNORE
     return chunked_cross_entropy_sum(hidden[mask], batch.targets[mask], head)
 
@@ -50,3 +52,11 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head:
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     logits = head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def plain_loss_sum(model, batch: Batch) -> torch.Tensor:
+    """The same sum computed the way most trainers do: logits for every position, then
+    cross-entropy with the untrained ones ignored. The reference every speed lever is checked
+    against, and the baseline of `benchmarks/speed_levers.py`."""
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -43,6 +43,12 @@ class MicroBatching:
         return MicroBatching(max(1, self.rows_per_micro_batch // 2), True)
 
 
+def checkpointing_enabled(model) -> bool:
+    """Whether the method turned gradient checkpointing on (`method.gradient_checkpointing`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_activation_checkpointing", False) or getattr(base, "is_gradient_checkpointing", False))
+
+
 def set_gradient_checkpointing(model, enabled: bool) -> None:
     """Recompute layer activations in backward instead of keeping them (transformers models)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -51,5 +57,5 @@ def set_gradient_checkpointing(model, enabled: bool) -> None:
     if enabled:
         # non-reentrant checkpointing works with frozen inputs (LoRA), so no input-grad hook is needed
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(base, "is_activation_checkpointing", False) or getattr(base, "is_gradient_checkpointing", False):
+    elif checkpointing_enabled(model):
         base.gradient_checkpointing_disable()

@@ -1,0 +1,121 @@
+"""Every speed lever computes the same loss and gradients as the plain path (fp32), and the speed
+benchmarks run end to end on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from afina.config.methods import LoraMethod
+from afina.data.packing import collate_rows, pack_examples
+from afina.models.adapters import apply_method, trainable_parameters
+from afina.models.loading import load_model
+from afina.training import loss as loss_module
+from afina.training.loss import plain_loss_sum, sft_loss_sum
+from tests.unit.test_training import examples
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def loss_and_grads(model, batches, loss_fn):
+    """The accumulated step: summed loss over all micro-batches / the step's trained tokens."""
+    model.zero_grad(set_to_none=True)
+    step_tokens = sum(b.trained_tokens for b in batches)
+    total = 0.0
+    for batch in batches:
+        loss = loss_fn(model, batch) / step_tokens
+        loss.backward()
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in trainable_parameters(model).items()}
+
+
+def assert_same(reference, candidate, tolerance=1e-4):
+    ref_loss, ref_grads = reference
+    loss, grads = candidate
+    assert abs(loss - ref_loss) <= tolerance * abs(ref_loss)
+    for name, grad in grads.items():
+        scale = ref_grads[name].abs().max().item() or 1.0
+        assert (grad - ref_grads[name]).abs().max().item() <= tolerance * scale, name
+
+
+@pytest.fixture
+def lora_tiny(tiny_model_dir):
+    torch.manual_seed(0)
+    return apply_method(load_model(str(tiny_model_dir)), LoraMethod(r=4, alpha=8, dropout=0.0))
+
+
+def test_each_lever_keeps_loss_and_gradients_of_the_plain_path(lora_tiny, tiny_tokenizer, ticket_rows, monkeypatch):
+    data = examples(tiny_tokenizer, ticket_rows[:8])
+    pad = tiny_tokenizer.pad_token_id
+    plain = loss_and_grads(lora_tiny, [collate_rows([[e] for e in data], pad)], plain_loss_sum)
+    packed_rows = [collate_rows(pack_examples(data, 4096), pad)]
+    assert packed_rows[0].input_ids.shape[0] == 1
+    # packing: one row, positions restart per example, same loss
+    assert_same(plain, loss_and_grads(lora_tiny, packed_rows, plain_loss_sum))
+    # projection and cross-entropy only at trained positions
+    assert_same(plain, loss_and_grads(lora_tiny, packed_rows, sft_loss_sum))
+    # chunked cross-entropy with logits recomputed in backward (tiny chunks force several)
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 7)
+    chunked = loss_and_grads(lora_tiny, packed_rows,
+                             lambda m, b: loss_module.chunked_cross_entropy_sum(*hidden_targets(m, b), chunk=7))
+    assert_same(plain, chunked)
+    # short rows accumulated instead of one long row
+    short = [collate_rows([row], pad) for row in pack_examples(data, 64)]
+    assert len(short) > 2
+    assert_same(plain, loss_and_grads(lora_tiny, short, sft_loss_sum))
+
+
+def hidden_targets(model, batch):
+    from afina.data.packing import IGNORE
+    from afina.models.adapters import body_and_head
+
+    body, head = body_and_head(model)
+    hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    mask = batch.targets != IGNORE
+    return hidden[mask], batch.targets[mask], head
+
+
+def test_bf16_lever_stays_close_to_fp32(lora_tiny, tiny_tokenizer, ticket_rows):
+    """bf16 autocast cannot match fp32 to 1e-4; it must stay within bf16's own precision."""
+    data = examples(tiny_tokenizer, ticket_rows[:8])
+    batch = collate_rows(pack_examples(data, 4096), tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        fp32 = sft_loss_sum(lora_tiny, batch).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = sft_loss_sum(lora_tiny, batch).item()
+    assert abs(bf16 - fp32) <= 2e-2 * fp32
+
+
+def run_script(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_speed_levers_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path):
+    done = run_script(ROOT / "benchmarks" / "speed_levers.py", "--model", tiny_model_dir, "--steps", "1",
+                      "--repeats", "1", "--only", "plain,+packing,+trained_logits,+short_rows", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert all(results[name].get("tokens_per_second", 0) > 0 for name in ("plain", "+packing", "+trained_logits",
+                                                                           "+short_rows")), results
+    assert "| +short_rows |" in (tmp_path / "results.md").read_text()
+
+
+def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
+    done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
+                      "fp32,fp32+packing", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    results = report["results"]
+    assert {"afina", "trl_default", "trl_best"} <= set(results)
+    for name in ("afina", "trl_default", "trl_best"):
+        assert results[name]["tokens_per_second"] > 0 and results[name]["peak_rss_mib"] > 0, results[name]
+        assert results[name]["epoch"]["validation_loss"] > 0
+    assert (tmp_path / "chart.png").stat().st_size > 0
+    assert "afina / system" in (tmp_path / "results.md").read_text()
