@@ -151,3 +151,21 @@ def test_collate_kto_keeps_labels_and_builds_the_kl_batch(tiny_tokenizer):
     assert isinstance(examples[0], KtoExample)
     # the mismatched batch trains exactly the same answers, each after another prompt
     assert batch.mismatched.trained_tokens == batch.completions.trained_tokens
+
+
+def test_unpaired_kto_rows_are_detected_and_their_label_must_be_a_boolean(tiny_tokenizer):
+    from afina.data.records import Record
+
+    good = record({"prompt": "the printer is jammed", "completion": '{"category": "printer"}', "label": False}, 3)
+    assert (good.kind, good.source_format, good.completion, good.label) == ("unpaired", "unpaired",
+                                                                           '{"category": "printer"}', False)
+    assert Record.from_json(good.to_json()) == good and good.reference_answer() is None
+    listed = record({"prompt": [{"role": "user", "content": "vpn"}], "completion": "network", "label": True})
+    assert listed.prompt_messages() == [{"role": "user", "content": "vpn"}] and listed.reference_answer() == "network"
+    for label in ("yes", 1, None):
+        result, problems = normalize_row({"prompt": "q", "completion": "a", "label": label}, 7)
+        assert result is None and [(p.code, p.line, p.field) for p in problems] == [("invalid_label", 7, "label")]
+    # without a label the same keys are an ordinary prompt/completion chat row
+    assert record({"prompt": "q", "completion": "a"}).kind == "chat"
+    examples = kto_examples([good, listed], tiny_tokenizer, 512, path="kto.jsonl")
+    assert [e.desirable for e in examples] == [False, True] and [e.completion.line for e in examples] == [3, 1]

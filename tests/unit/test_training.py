@@ -1,11 +1,14 @@
+import json
 import shutil
 
+import pytest
 import torch
 from rich.console import Console
 
 from afina.config.schema import LoraMethod, TrainingConfig
 from afina.data.formats import normalize_row
 from afina.data.tokenize import tokenize_records
+from afina.errors import AfinaError
 from afina.models.adapters import apply_method, trainable_parameters
 from afina.models.loading import load_model
 from afina.training.checkpoints import latest_checkpoint, list_checkpoints
@@ -164,3 +167,28 @@ def test_time_budget_stops_with_a_checkpoint(tiny_model_dir, tiny_tokenizer, tic
                    tmp_path / "run", tiny_tokenizer.pad_token_id, QUIET)
     assert result.status == "time_limit" and result.steps == 1
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 1
+
+
+def test_continued_pretraining_trains_every_token_of_raw_text(tiny_model_dir, tmp_path, afina_home):
+    from afina.config.loading import validate_config
+    from afina.pipeline.run import evaluate_run, run_training
+    from tests.conftest import write_jsonl
+
+    rows = [{"text": f"the printer in office {i} is jammed again and the vpn não conecta"} for i in range(30)]
+    path = write_jsonl(tmp_path / "docs.jsonl", rows)
+    config = validate_config({"model": str(tiny_model_dir), "data": {"path": str(path)},
+                              "objective": {"name": "cpt", "block_length": 16, "overlap": 4},
+                              "training": {"max_steps": 15, "row_length": 64, "learning_rate": 1e-2, "eval_every": 5,
+                                           "precision": "fp32"}})
+    run_dir, result = run_training(config, QUIET)
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"validation"' in line]
+    assert result.steps == 15 and losses[-1] < losses[0]
+    report = evaluate_run(run_dir, QUIET)
+    assert report["tuned"]["loss"] < report["base"]["loss"] and report["tuned"]["predictions"] == []
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "q", "completion": "a"}] * 3)
+    with pytest.raises(AfinaError) as error:
+        run_training(validate_config({"model": str(tiny_model_dir), "data": {"path": str(chat)}, "objective": "cpt"}),
+                     QUIET)
+    assert error.value.code == "wrong_data_for_objective"

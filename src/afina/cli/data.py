@@ -44,7 +44,7 @@ def _inspect(path: Path, model: str, max_length: int, skip_invalid: bool) -> Non
     tokenizer = load_tokenizer(model)
     lengths, over = [], 0
     for record in report.records:
-        if record.kind == "preference":
+        if record.kind in ("preference", "unpaired"):
             continue
         example = tokenize_record(record, tokenizer, max_length=10**9)
         lengths.append(len(example.input_ids))

@@ -4,6 +4,7 @@
     afina data inspect data.jsonl       # check a data file before spending compute
     afina train config.yaml key=value   # fine-tune
     afina eval RUN                      # tuned vs base on the run's test split
+    afina estimate config.yaml          # tokens, steps, peak memory, time and cost before launch
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def user_errors(command):
 
 
 from afina.cli import data as _data  # noqa: E402
+from afina.cli import estimate as _estimate  # noqa: E402
 from afina.cli import train as _train  # noqa: E402
 
 app.add_typer(_data.app, name="data")
@@ -46,3 +48,4 @@ app.command("train")(user_errors(_train.train_command))
 app.command("eval")(user_errors(_train.eval_command))
 app.command("demo")(user_errors(_train.demo_command))
 app.command("merge")(user_errors(_train.merge_command))
+app.command("estimate")(user_errors(_estimate.estimate_command))

@@ -53,10 +53,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not isinstance(raw, dict):
         raise AfinaError("invalid_config", "the config must be a YAML mapping", location=str(path))
     config = validate_config(merge(raw, parse_overrides(overrides or [])), source=str(path))
-    data_path = config.data.path
-    if not data_path.startswith("bundled:") and not Path(data_path).expanduser().is_absolute():
-        config.data.path = str((path.parent / data_path).resolve())
+    config.data.path = resolve_relative(config.data.path, path.parent)
+    for task in (config.datasets.tasks.values() if config.datasets else ()):
+        task.path = resolve_relative(task.path, path.parent)
     return config
+
+
+def resolve_relative(data_path: str | None, folder: Path) -> str | None:
+    """A data path relative to the config's folder made absolute; bundled and absolute paths as they are."""
+    if data_path is None or data_path.startswith("bundled:") or Path(data_path).expanduser().is_absolute():
+        return data_path
+    return str((folder / data_path).resolve())
 
 
 def validate_config(raw: dict, source: str = "config") -> RunConfig:

@@ -10,8 +10,9 @@ from afina.config.methods import LoraMethod, Method, Strict
 
 
 class DataConfig(Strict):
-    path: str = Field(description="Data file (.jsonl, .json, .csv, .parquet), relative to the config file, "
-                                  "or `bundled:tickets` for the example IT-support tickets.")
+    path: str | None = Field(None, description="Data file (.jsonl, .json, .csv, .parquet), relative to the config "
+                                               "file, or `bundled:tickets` for the example IT-support tickets. "
+                                               "Leave out when `datasets` lists several files.")
     validation: float = Field(0.1, ge=0, lt=1, description="Fraction of rows held out for validation during training.")
     test: float = Field(0.1, ge=0, lt=1, description="Fraction of rows held out for the final base-vs-tuned test.")
     split_seed: int = Field(0, description="Seed of the content-hash split; changing it reshuffles the splits.")
@@ -62,6 +63,88 @@ class TrainingConfig(Strict):
         return self
 
 
+OBJECTIVE_FIELDS = {"beta": ("dpo", "orpo", "kto"), "label_smoothing": ("dpo",),
+                    "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+                    "margin": ("reward",), "center_coefficient": ("reward",)}
+
+
+class ObjectiveConfig(Strict):
+    name: Literal["sft", "cpt", "dpo", "orpo", "kto", "reward"] = Field(
+        "sft", description="sft: learn the answers of chat rows; cpt: continued pretraining on raw `text` rows, "
+                           "every token trained; dpo, orpo: prefer the chosen answer of prompt/chosen/rejected rows "
+                           "(dpo against the frozen base as reference, orpo without one); kto: desirable/undesirable "
+                           "answers (preference rows or prompt/completion/label rows); reward: train a reward model "
+                           "(a scalar head) on preference rows.")
+    block_length: int = Field(1024, ge=2, description="cpt: tokens per block a document is cut into.")
+    overlap: int = Field(32, ge=0, description="cpt: tokens consecutive blocks of a document share, as context only.")
+    beta: float = Field(0.1, gt=0, le=10, description="dpo, kto: strength of the pull towards the reference "
+                                                       "(higher stays closer); orpo: weight of the odds-ratio term.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: assumed probability that a pair's label is "
+                                                                   "flipped (conservative DPO); 0 is plain DPO.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable answers' loss terms.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable answers' loss terms "
+                                                             "(raise it when undesirable rows are scarce).")
+    margin: float = Field(0.0, ge=0, description="reward: score gap by which the chosen answer must win.")
+    center_coefficient: float = Field(0.0, ge=0, description="reward: weight of the penalty on (r_chosen + "
+                                                             "r_rejected)^2 that keeps scores centred near 0 "
+                                                             "(0.01 is common); 0 turns it off.")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_objective(self) -> "ObjectiveConfig":
+        if self.overlap >= self.block_length:
+            raise ValueError("overlap must be smaller than block_length")
+        # a changed default, not a set key: a saved config.json spells out every field
+        misplaced = [f"{key} (for {', '.join(names)})" for key, names in OBJECTIVE_FIELDS.items()
+                     if self.name not in names and getattr(self, key) != type(self).model_fields[key].default]
+        if misplaced:
+            raise ValueError(f"not used by objective {self.name}: {'; '.join(misplaced)}")
+        return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """dpo and kto compare the trained model with its frozen base, the reference model."""
+        return self.name in ("dpo", "kto")
+
+    @property
+    def on_preferences(self) -> bool:
+        return self.name in ("dpo", "orpo", "kto", "reward")
+
+
+class TaskConfig(Strict):
+    path: str = Field(description="This task's data file, relative to the config file, or `bundled:tickets`.")
+    weight: float | None = Field(None, ge=0, description="Relative share of training draws from this task "
+                                                         "(any scale); give it for every task or for none.")
+
+
+class DatasetsConfig(Strict):
+    tasks: dict[str, TaskConfig] = Field(description="Task name -> data file and weight. A general-purpose replay "
+                                                     "set (against forgetting) is just another task.")
+    temperature: float | None = Field(None, gt=0, description="Without weights: draw task i with probability "
+                                                              "proportional to size_i^(1/temperature); 1 follows "
+                                                              "sizes, higher moves towards uniform.")
+
+    @model_validator(mode="after")
+    def _weights_or_temperature(self) -> "DatasetsConfig":
+        if not self.tasks:
+            raise ValueError("list at least one task")
+        bad = [name for name in self.tasks if not name.replace("_", "").replace("-", "").isalnum()]
+        if bad:
+            raise ValueError(f"task names may hold letters, digits, - and _ only: {', '.join(bad)}")
+        weighted = [name for name, task in self.tasks.items() if task.weight is not None]
+        if weighted and len(weighted) != len(self.tasks):
+            raise ValueError("give a weight for every task or for none")
+        if weighted and self.temperature is not None:
+            raise ValueError("give either task weights or a temperature, not both")
+        if weighted and sum(task.weight for task in self.tasks.values()) <= 0:
+            raise ValueError("at least one task needs a positive weight")
+        return self
+
+    def weights(self) -> dict[str, float] | None:
+        if any(task.weight is None for task in self.tasks.values()):
+            return None
+        return {name: task.weight for name, task in self.tasks.items()}
+
+
 class EvalConfig(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
     batch_size: int = Field(16, ge=1, description="Prompts generated at once.")
@@ -71,17 +154,32 @@ class EvalConfig(Strict):
 class RunConfig(Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name, used in the run directory.")
     model: str = Field("default", description="`default`, a local Hugging Face model directory, or a hub id.")
-    data: DataConfig
+    data: DataConfig = Field(default_factory=DataConfig,
+                             description="The data file (or, with `datasets`, the split settings).")
     method: Method = Field(default_factory=LoraMethod, description="What is trained.")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="What is minimized.")
+    datasets: DatasetsConfig | None = Field(None, description="Several data files (tasks) mixed in training by "
+                                                               "weight or temperature, each split and evaluated "
+                                                               "on its own; replaces data.path.")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _one_source_of_data(self) -> "RunConfig":
+        if (self.data.path is None) == (self.datasets is None):
+            raise ValueError("give data.path (one file) or datasets (several), not both" if self.datasets
+                             else "data.path is required (or list several files under datasets)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
     def _method_shorthand(cls, data: object) -> object:
-        """`method: lora` is short for `method: {name: lora}`; a method without a name is LoRA."""
+        """`method: lora` is short for `method: {name: lora}` (likewise `objective: cpt`); a method
+        without a name is LoRA."""
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             data = {**data, "method": {"name": data["method"]}}
+        if isinstance(data, dict) and isinstance(data.get("objective"), str):
+            data = {**data, "objective": {"name": data["objective"]}}
         if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
             data = {**data, "method": {"name": "lora", **data["method"]}}
         return data

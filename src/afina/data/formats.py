@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from afina.data.records import ROLES, Message, Record
@@ -14,6 +15,7 @@ FORMATS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("preference", ("chosen", "rejected")),
     ("messages", ("messages",)),
     ("sharegpt", ("conversations",)),
+    ("unpaired", ("prompt", "completion", "label")),  # KTO: one answer, labelled desirable (true) or not
     ("prompt_completion", ("prompt", "completion")),
     ("alpaca", ("instruction", "output")),
     ("text", ("text",)),
@@ -51,17 +53,22 @@ def normalize_row(row: object, line: int) -> tuple[Record | None, list[Problem]]
         keys = ", ".join(sorted(map(str, row))) or "none"
         return None, [Problem("unknown_format", line, None,
                               f"no known format has these keys ({keys}); expected messages, prompt/completion, "
-                              "instruction/output, conversations, text or prompt/chosen/rejected")]
+                              "instruction/output, conversations, text, prompt/chosen/rejected or "
+                              "prompt/completion/label")]
     problems: list[Problem] = []
     if fmt == "text":
         text = _string(row, "text", line, problems)
         record = Record("text", fmt, line, text=text)
     elif fmt == "preference":
-        prompt = row.get("prompt", "")
-        messages = _messages(prompt, "prompt", line, problems) if isinstance(prompt, list) else (
-            (Message("user", _string(row, "prompt", line, problems)),))
-        record = Record("preference", fmt, line, messages=messages,
+        record = Record("preference", fmt, line, messages=_prompt(row, line, problems),
                         chosen=_string(row, "chosen", line, problems), rejected=_string(row, "rejected", line, problems))
+    elif fmt == "unpaired":
+        label = row["label"]
+        if not isinstance(label, bool):
+            problems.append(Problem("invalid_label", line, "label",
+                                    f"expected true (desirable) or false (undesirable), got {json_type(label)}"))
+        record = Record("unpaired", fmt, line, messages=_prompt(row, line, problems),
+                        completion=_string(row, "completion", line, problems), label=label is True)
     else:
         if fmt == "messages":
             messages = _messages(row["messages"], "messages", line, problems)
@@ -83,6 +90,22 @@ def normalize_row(row: object, line: int) -> tuple[Record | None, list[Problem]]
     if any(p.severity == "error" for p in problems):
         return None, problems
     return record, problems
+
+
+def _prompt(row: dict, line: int, problems: list[Problem]) -> tuple[Message, ...]:
+    """A preference or unpaired row's prompt: a string (one user message) or a list of messages."""
+    prompt = row.get("prompt", "")
+    if isinstance(prompt, list):
+        return _messages(prompt, "prompt", line, problems)
+    return (Message("user", _string(row, "prompt", line, problems)),)
+
+
+def json_type(value: object) -> str:
+    """How a JSON value's type reads in an error message (`"yes"` is a string, 1 a number)."""
+    if value is None:
+        return "null"
+    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__) + f" ({json.dumps(value)[:40]})"
 
 
 def _string(row: dict, key: str, line: int, problems: list[Problem]) -> str:

@@ -82,3 +82,13 @@ def _dataset_order(name: str, size: int, seed: int) -> Iterator[int]:
         # a string seed is hashed with SHA-512 by `random`: stable across processes, unlike hash()
         random.Random(f"{seed}/{name}/{passes}").shuffle(permutation)
         yield from permutation
+
+
+def mix_examples(examples: dict[str, list], weights: dict[str, float] | None, temperature: float | None,
+                 seed: int, total: int | None = None) -> tuple[list, list[str]]:
+    """The training examples of a multi-task run: `total` draws (default: all tasks' sizes added up)
+    following `mixture_order`, and the task of each draw. Small tasks are repeated, large ones
+    subsampled, to reach the mixture's proportions."""
+    sizes = {name: len(items) for name, items in examples.items()}
+    order = mixture_order(sizes, weights, temperature, total if total is not None else sum(sizes.values()), seed)
+    return [examples[name][index] for name, index in order], [name for name, _ in order]

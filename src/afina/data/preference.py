@@ -24,7 +24,7 @@ from afina.data.records import Record
 from afina.data.tokenize import Example, render_prompt
 from afina.errors import AfinaError
 
-# KTO's unpaired rows until the reader exists: (prompt messages or a user prompt string, completion, desirable?)
+# an unpaired row given directly (tests, library use): (prompt messages or a user prompt string, completion, desirable?)
 UnpairedRow = tuple[list[dict] | str, str, bool]
 
 
@@ -131,15 +131,19 @@ def tokenize_preferences(records: Sequence[Record], tokenizer: PreTrainedTokeniz
 def kto_examples(items: Sequence[Record | UnpairedRow], tokenizer: PreTrainedTokenizerBase, max_length: int,
                  path: str = "") -> list[KtoExample]:
     """KTO examples from preference records (chosen -> desirable, rejected -> undesirable, as TRL's
-    `unpair_preference_dataset` does) and from unpaired (prompt, completion, label) rows.
+    `unpair_preference_dataset` does), from `unpaired` records (prompt/completion/label rows) and
+    from (prompt, completion, label) tuples.
 
-    An unpaired row's prompt is a list of messages or a string (one user message); its line in
+    A tuple's prompt is a list of messages or a string (one user message); its line in
     error messages is its 1-based position in `items`. Each completion is fitted to `max_length`
     on its own, cutting its prompt from the left.
     """
     examples = []
     for index, item in enumerate(items):
-        if isinstance(item, Record):
+        if isinstance(item, Record) and item.kind == "unpaired":
+            labelled = [(item.prompt_messages(), item.completion, bool(item.label), "completion")]
+            line = item.line
+        elif isinstance(item, Record):
             if item.kind != "preference":
                 raise AfinaError("unsupported_record", f"{item.kind} rows cannot be used for KTO",
                                  location=f"{path}:{item.line}", hint="use preference or prompt/completion/label rows")
@@ -213,6 +217,10 @@ class KtoBatch:
     def to(self, device: torch.device) -> "KtoBatch":
         return KtoBatch(self.completions.to(device), self.mismatched.to(device), self.desirable.to(device))
 
+    @property
+    def tokens(self) -> int:
+        return self.completions.tokens + self.mismatched.tokens
+
 
 def pack_sequences(lengths: Sequence[int], row_length: int) -> list[list[int]]:
     """Greedy first-fit of sequence indices into rows of at most `row_length` tokens, in the given order.
@@ -263,10 +271,14 @@ def collate_pairs(pairs: Sequence[PreferencePair], row_length: int, pad_id: int)
                              row_length, pad_id)
 
 
-def collate_kto(examples: Sequence[KtoExample], row_length: int, pad_id: int, max_length: int) -> KtoBatch:
-    """A KTO micro-batch with its mismatched completions for the KL estimate (needs two examples or more)."""
+def collate_kto(examples: Sequence[KtoExample], row_length: int, pad_id: int, max_length: int,
+                mismatched: Sequence[Completion] | None = None) -> KtoBatch:
+    """A KTO micro-batch with its mismatched completions for the KL estimate: built from the batch's
+    own answers (needs two examples or more), or given (the training loop builds them per optimizer
+    step, so a micro-batch of one still has a real mismatch)."""
     completions = [e.completion for e in examples]
+    if mismatched is None:
+        mismatched = mismatched_completions(completions, max_length)
     return KtoBatch(collate_sequences([c.example() for c in completions], row_length, pad_id),
-                    collate_sequences([c.example() for c in mismatched_completions(completions, max_length)],
-                                      row_length, pad_id),
+                    collate_sequences([c.example() for c in mismatched], row_length, pad_id),
                     torch.tensor([e.desirable for e in examples], dtype=torch.bool))

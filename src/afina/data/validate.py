@@ -13,7 +13,8 @@ from afina.errors import AfinaError
 
 # The record kinds one file may mix: chats from different source formats are still chats.
 KIND_OF_FORMAT = {"messages": "chat", "sharegpt": "chat", "prompt_completion": "chat", "alpaca": "chat",
-                  "text": "text", "preference": "preference"}
+                  "text": "text", "preference": "preference",
+                  "unpaired": "unpaired"}
 
 
 @dataclass

@@ -18,6 +18,9 @@ def evaluate_model(model, tokenizer, records: list[Record], examples: list[Examp
                    row_length: int, on_batch=None) -> dict:
     """Loss and perplexity on the test examples, then generation metrics on their prompts."""
     loss, tokens = evaluate_loss(model, examples, row_length, 1, tokenizer.pad_token_id)
+    if not any(r.reference_answer() for r in records):  # raw text (continued pretraining): nothing to answer
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "predictions": [],
+                "references": []}
     references = [r.reference_answer() or "" for r in records]
     predictions = generate_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size, on_batch)
     scores = score_generations(predictions, references)
@@ -25,27 +28,36 @@ def evaluate_model(model, tokenizer, records: list[Record], examples: list[Examp
             "predictions": predictions, "references": references}
 
 
-METRIC_ROWS = [("loss", "test loss", False), ("perplexity", "perplexity", False), ("exact_match", "exact match", True),
+METRIC_ROWS = [("loss", "test loss", False), ("perplexity", "perplexity", False),
+               ("preference_accuracy", "preference accuracy", True), ("logp_margin", "log-prob margin", None),
+               ("reward_accuracy", "implicit reward accuracy", True), ("reward_margin", "implicit reward margin", None),
+               ("completion_reward_accuracy", "kto: reward sign = label", True),
+               ("score_margin", "reward score margin", None), ("exact_match", "exact match", True),
                ("json_valid", "valid JSON", True), ("field_accuracy_mean", "field accuracy (mean)", True),
                ("rouge_l", "ROUGE-L", True)]
+# (key, label, kind): kind True is a share, higher better; None a number, higher better; False lower is better
 
 
-def comparison_table(base: dict, tuned: dict) -> Table:
-    """Side-by-side metrics; higher is better except for loss and perplexity."""
-    table = Table(title="base vs tuned on the test split")
+def comparison_table(base: dict, tuned: dict, title: str = "base vs tuned on the test split") -> Table:
+    """Side-by-side metrics; higher is better except for loss and perplexity. A metric only the
+    tuned model has (the implicit reward against its base) shows in the tuned column alone."""
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")
     table.add_column("change", justify="right")
     rows = list(METRIC_ROWS) + [(f"field:{key}", f"  {key}", True) for key in tuned.get("field_accuracy", {})]
-    for key, label, higher_better in rows:
+    for key, label, kind in rows:
         b, t = _metric(base, key), _metric(tuned, key)
-        if b is None or t is None:
+        if t is None:
             continue
-        better = t > b if higher_better else t < b
+        fmt, change_fmt = ("{:.1%}", "{:+.1%}") if kind is True else ("{:.3f}", "{:+.3f}")
+        if b is None:
+            table.add_row(label, "", fmt.format(t), "")
+            continue
+        better = t < b if kind is False else t > b
         style = "green" if better else ("red" if t != b else "")
-        fmt = "{:.1%}" if higher_better else "{:.3f}"
-        change = (f"{t - b:+.1%}" if higher_better else f"{t - b:+.3f}")
+        change = change_fmt.format(t - b)
         table.add_row(label, fmt.format(b), fmt.format(t), f"[{style}]{change}[/]" if style else change)
     return table
 

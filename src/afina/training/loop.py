@@ -1,13 +1,14 @@
-"""afina's training loop: one loop for every run, read top to bottom.
+"""afina's training loop: one loop for every run and every objective, read top to bottom.
 
-    for each optimizer step (rows_per_batch x gradient_accumulation packed rows):
-        cut the rows into micro-batches; for each: loss = summed token cross-entropy / trained
-        tokens of the whole step (exact accumulation), backward
-        out of memory? halve the micro-batch, turn on checkpointing, redo the step (same rows)
+    for each optimizer step (rows_per_batch x gradient_accumulation items: packed rows, pairs or completions):
+        cut the items into micro-batches; for each: loss = the objective's loss sum / the count of
+        the whole step (trained tokens, pairs or completions: exact accumulation), backward
+        out of memory? halve the micro-batch, turn on checkpointing, redo the step (same items)
         clip, AdamW (skipped for a non-finite loss or gradient), schedule
-        every eval_every steps: validation loss;  every save_every steps: atomic checkpoint
+        every eval_every steps: validation loss (the objective's);  every save_every steps: atomic checkpoint
         a signal, the time or cost budget, early stopping: checkpoint and stop
 
+What an objective groups, collates and minimizes is in `afina.training.steps`.
 The batches of an epoch are a pure function of (examples, seed, epoch), and checkpoints hold the
 position inside the epoch, the optimizer, the schedule and the RNG state, so a resumed run takes
 exactly the steps an uninterrupted run would have taken.
@@ -31,18 +32,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from afina.config.schema import TrainingConfig
-from afina.data.packing import collate_rows, epoch_steps, pack_examples
-from afina.data.tokenize import Example
 from afina.models.adapters import trainable_parameters
 from afina.errors import AfinaError
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
-from afina.training.loss import sft_loss_sum
+from afina.training.loss import sft_loss_sum  # noqa: F401  (the sft objective calls it through this module)
 from afina.training.cost import cost_of, price_per_hour
 from afina.training.memory import (MicroBatching, checkpointing_enabled, free_memory, is_out_of_memory,
                                    set_gradient_checkpointing)
 from afina.training.metrics import MetricsLog, plot_loss_curves
 from afina.training.precision import autocast_for, resolve_precision
 from afina.training.schedule import make_scheduler
+from afina.training.steps import rows_per_step, token_objective  # rows_per_step: re-exported for estimate.py
 
 
 @dataclass
@@ -62,33 +62,32 @@ class TrainResult:
     events: list = field(default_factory=list)
 
 
-def rows_per_step(config: TrainingConfig) -> int:
-    return config.rows_per_batch * config.gradient_accumulation
-
-
-def total_steps(train: list[Example], config: TrainingConfig) -> int:
+def total_steps(train: list, config: TrainingConfig, objective=None) -> int:
     if config.max_steps:
         return config.max_steps
-    steps_per_epoch = math.ceil(len(pack_examples(train, config.row_length)) / rows_per_step(config))
+    objective = objective or token_objective(config.row_length)
+    steps_per_epoch = math.ceil(len(objective.items(train)) / rows_per_step(config))
     return max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], row_length: int, rows_per_batch: int, pad_id: int,
-                  autocast=None) -> tuple[float, int]:
-    """Mean cross-entropy over the trained tokens of `examples` (and their count). Out of memory
-    halves the rows per batch and retries, down to one row."""
+def evaluate_loss(model, examples: list, row_length: int, rows_per_batch: int, pad_id: int,
+                  autocast=None, objective=None) -> tuple[float, int]:
+    """The objective's mean loss over `examples` (SFT by default: cross-entropy per trained token),
+    and the count it is averaged over. Out of memory halves the items per batch and retries, down to one."""
     was_training = model.training
     model.eval()
+    objective = objective or token_objective(row_length)
     total, count = 0.0, 0
-    rows = pack_examples(examples, row_length)
+    items = objective.items(examples)
     device = next(model.parameters()).device
     start = 0
-    while start < len(rows):
-        batch = collate_rows(rows[start : start + rows_per_batch], pad_id).to(device)
+    while start < len(items):
+        part = items[start : start + rows_per_batch]
+        batch = objective.collate(part, pad_id).to(device)
         try:
             with autocast() if autocast else contextlib.nullcontext():
-                total += float(sft_loss_sum(model, batch))
+                total += float(objective.loss_sum(model, batch))
         except Exception as error:
             if not is_out_of_memory(error) or rows_per_batch == 1:
                 raise
@@ -96,8 +95,8 @@ def evaluate_loss(model, examples: list[Example], row_length: int, rows_per_batc
             free_memory()
             rows_per_batch //= 2
             continue
-        count += batch.trained_tokens
-        start += len(batch.input_ids)
+        count += objective.count(batch)
+        start += len(part)
     model.train(was_training)
     return total / max(1, count), count
 
@@ -129,10 +128,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(model, train_examples: list[Example], validation_examples: list[Example], config: TrainingConfig,
+def train(model, train_examples: list, validation_examples: list, config: TrainingConfig,
           run_dir: Path, pad_id: int, console: Console | None = None,
-          after_step: Callable[[int], None] | None = None) -> TrainResult:
+          after_step: Callable[[int], None] | None = None, objective=None) -> TrainResult:
     """Train `model` in place; resumes from the run's newest intact checkpoint if there is one.
+
+    `objective` (from `afina.training.steps.objective_for`; SFT by default) says what the examples
+    are, how a step's micro-batches are collated and what is minimized.
 
     Ends with a status: completed, interrupted (signal), early_stopped (validation loss stopped
     improving; the model then holds the best checkpoint's weights), time_limit, cost_limit or
@@ -140,13 +142,14 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
     good ones). `after_step` is called after every optimizer step (tests use it to inject signals).
     """
     console = console or Console()
+    objective = objective or token_objective(config.row_length)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
     autocast = autocast_for(resolve_precision(config.precision, accelerator.device), accelerator.device)
     hourly = price_per_hour(config.machine, config.price_per_hour)
     trainable = trainable_parameters(model)
     optimizer = torch.optim.AdamW(trainable.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps = total_steps(train_examples, config)
+    steps = total_steps(train_examples, config, objective)
     scheduler = make_scheduler(optimizer, steps, int(config.warmup_ratio * steps), config.schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoints_dir = run_dir / "checkpoints"
@@ -181,18 +184,19 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
                              hint="free disk space, then resume with afina train --resume") from error
 
     def run_step(rows: list) -> tuple[float, float, int]:
-        """Forward and backward over one optimizer step's rows; shrinks the micro-batch on out of
-        memory and redoes the step with the same rows. Returns (loss, grad norm, tokens)."""
+        """Forward and backward over one optimizer step's items (rows, pairs, completions); shrinks the
+        micro-batch on out of memory and redoes the step with the same items. Returns (loss, grad norm, tokens)."""
         nonlocal batching
         while True:
             size = batching.rows_per_micro_batch
-            micro = [collate_rows(rows[i : i + size], pad_id).to(accelerator.device) for i in range(0, len(rows), size)]
-            step_tokens = sum(b.trained_tokens for b in micro)
+            micro = [objective.collate(rows[i : i + size], pad_id).to(accelerator.device)
+                     for i in range(0, len(rows), size)]
+            step_count = sum(objective.count(b) for b in micro)
             loss_total = 0.0
             try:
                 for batch in micro:
                     with autocast():
-                        loss = sft_loss_sum(model, batch) / step_tokens
+                        loss = objective.loss_sum(model, batch) / step_count
                     accelerator.backward(loss)
                     loss_total += float(loss.detach())
                     del loss
@@ -230,7 +234,7 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
     with progress, StopRequest() as stop:
         task = progress.add_task("train", total=steps, completed=step, info="")
         while step < steps and status == "completed":
-            epoch = epoch_steps(train_examples, config.row_length, rows_per_step(config), config.seed, state["epoch"])
+            epoch = objective.epoch_steps(train_examples, config, state["epoch"])
             while step < steps and state["step_in_epoch"] < len(epoch):
                 loss_total, grad_norm, tokens = run_step(epoch[state["step_in_epoch"]])
                 finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
@@ -260,7 +264,7 @@ def train(model, train_examples: list[Example], validation_examples: list[Exampl
                 improved = False
                 if validation_examples and (step % config.eval_every == 0 or step == steps):
                     validation_loss, _ = evaluate_loss(model, validation_examples, config.row_length,
-                                                       batching.rows_per_micro_batch, pad_id, autocast)
+                                                       batching.rows_per_micro_batch, pad_id, autocast, objective)
                     metrics.write("validation", step, loss=validation_loss)
                     if state["best_loss"] is None or validation_loss < state["best_loss"] - config.early_stopping_min_delta:
                         state.update(best_loss=validation_loss, best_step=step, evals_without_improvement=0)

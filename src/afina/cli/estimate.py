@@ -1,0 +1,122 @@
+"""`afina estimate`: a run's tokens, steps, peak memory, fit, time and cost, before it starts.
+
+    afina estimate configs/tickets-lora.yaml training.rows_per_batch=2
+    afina estimate configs/method-full.yaml --no-calibrate --json
+
+Reads and tokenizes the data like `afina train` and writes nothing to the afina home (the calibration
+steps run in a temporary directory).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+GIB = 2**30
+
+
+def estimate_command(
+    config: Path = typer.Argument(..., help="Run config (YAML)"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. training.rows_per_batch=2"),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
+                                   help="Time a few real optimizer steps here (default), or use a rough GPU table"),
+    json_output: bool = typer.Option(False, "--json", help="Print the estimate as JSON"),
+) -> None:
+    """Predict peak memory, whether the run fits, time per epoch and cost, before training."""
+    from afina.cli.main import console
+    from afina.config import load_config
+    from afina.pipeline.run import prepare_data, quiet_libraries
+    from afina.training.estimate import check_fits, estimate_time
+
+    run_config = load_config(config, overrides or [])
+    quiet_libraries()
+    status = Console(stderr=True)  # progress on stderr, so --json output stays parseable
+    with status.status("reading and tokenizing the data"):
+        data = prepare_data(run_config)
+        estimate = check_fits(run_config, data.examples["train"])
+    what = "calibrating: loading the model, 3 optimizer steps" if calibrate and estimate.fits else "estimating time"
+    with status.status(what):
+        estimate.time = estimate_time(run_config, data.examples["train"], data.tokenizer.pad_token_id, estimate,
+                                      calibrate)
+    if json_output:
+        typer.echo(json.dumps(estimate.to_json(), indent=2))
+        return
+    console.print(estimate_table(estimate))
+    console.print(summary_line(estimate))
+
+
+def gib(value: float) -> str:
+    return f"{value / GIB:,.2f} GiB"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def money(value: float) -> str:
+    return f"${value:,.2f}" if value >= 0.1 else f"${value:.4f}"
+
+
+def estimate_table(estimate) -> Table:
+    """One table: the run, its data, its memory by component, what would fit, time and cost."""
+    memory, data, batch = estimate.memory, estimate.data, estimate.micro_batch
+    table = Table(title=f"estimate: {estimate.model}, {estimate.method}, {estimate.precision} on {estimate.device}",
+                  show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column(style="dim")
+    table.add_row("parameters", f"{estimate.parameters:,}", f"{estimate.trainable_parameters:,} trained")
+    table.add_row("micro-batch", f"{batch.rows} x {batch.length}",
+                  f"rows x tokens, x {estimate.gradient_accumulation} accumulated"
+                  + (", gradient checkpointing" if estimate.gradient_checkpointing else ""))
+    table.add_section()
+    table.add_row("examples", f"{data.examples:,}", "training split")
+    table.add_row("tokens", f"{data.tokens:,}", f"{data.trained_tokens:,} trained")
+    table.add_row("packed rows", f"{data.rows:,}", f"{data.padding_share:.1%} of computed positions are padding")
+    table.add_row("optimizer steps", f"{data.total_steps:,}", f"{data.steps_per_epoch:,} per epoch")
+    table.add_section()
+    notes = {"runtime": "this process before the model loads" if estimate.device == "cpu" else "CUDA context",
+             "weights": "parameters x dtype bytes", "gradients": "trained parameters",
+             "optimizer": "AdamW moments", "activations": "one micro-batch, logits at trained positions",
+             "allocator": "freed memory the allocator keeps"}
+    for name, note in notes.items():
+        table.add_row(name, gib(getattr(memory, name)), note)
+    if memory.optimizer_step > memory.activations + memory.allocator:
+        table.add_row("optimizer step", gib(memory.optimizer_step), "AdamW temporaries (replace activations)")
+    table.add_row("loading", gib(memory.loading), "weights copied out of the mapped file")
+    verdict = "[green]fits[/]" if estimate.fits else "[red]does not fit[/]"
+    table.add_row("peak", gib(memory.peak), f"{verdict} in {gib(estimate.capacity)} ({estimate.device})")
+    if estimate.suggestions:
+        table.add_section()
+        for suggestion in estimate.suggestions:
+            mark = "[green]fits[/]" if suggestion.fits else "[red]too big[/]"
+            table.add_row("try", gib(suggestion.peak), f"{' '.join(suggestion.overrides)}: {mark}")
+    if estimate.time is not None:
+        time = estimate.time
+        table.add_section()
+        table.add_row("time per epoch", duration(time.seconds_per_epoch), time.source)
+        table.add_row("training time", duration(time.total_seconds),
+                      f"{time.tokens_per_second:,.0f} tokens/s" if time.tokens_per_second else "")
+        if time.price_per_hour and time.total_cost is not None:
+            table.add_row("cost", money(time.total_cost),
+                          f"{money(time.cost_per_epoch)} per epoch at {money(time.price_per_hour)}/h")
+    return table
+
+
+def summary_line(estimate) -> str:
+    peak = f"predicted peak {gib(estimate.memory.peak)} of {gib(estimate.capacity)}"
+    if estimate.fits:
+        return f"[green]fits[/]: {peak}; start it with afina train and the same arguments"
+    fitting = next((s for s in estimate.suggestions if s.fits), None)
+    advice = f"; try {' '.join(fitting.overrides)}" if fitting else "; use a smaller model or a larger machine"
+    return f"[red]does not fit[/]: {peak}{advice}"
