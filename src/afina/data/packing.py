@@ -37,21 +37,26 @@ def example_targets(example: Example) -> list[int]:
     return [ids[t + 1] if trained[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
 
 
-def pack_examples(examples: list[Example], row_length: int) -> list[list[Example]]:
-    """Greedy first-fit in the given order: each row holds whole examples totalling <= row_length."""
-    rows: list[list[Example]] = []
+def pack_indices(lengths: list[int], row_length: int) -> list[list[int]]:
+    """Greedy first-fit in the given order: indices of sequences whose lengths total <= row_length
+    per row (a sequence longer than a row gets a row of its own)."""
+    rows: list[list[int]] = []
     room: list[int] = []
-    for example in examples:
-        size = len(example.input_ids)
-        for index, free in enumerate(room):
+    for index, size in enumerate(lengths):
+        for row, free in enumerate(room):
             if size <= free:
-                rows[index].append(example)
-                room[index] -= size
+                rows[row].append(index)
+                room[row] -= size
                 break
         else:
-            rows.append([example])
+            rows.append([index])
             room.append(row_length - size)
     return rows
+
+
+def pack_examples(examples: list[Example], row_length: int) -> list[list[Example]]:
+    """Each row holds whole examples totalling <= row_length tokens (first-fit, in the given order)."""
+    return [[examples[i] for i in row] for row in pack_indices([len(e.input_ids) for e in examples], row_length)]
 
 
 def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from afina.data.packing import IGNORE, example_targets
+from afina.data.packing import IGNORE, example_targets, pack_indices
 from afina.data.records import Record
 from afina.data.tokenize import Example, render_prompt
 from afina.errors import AfinaError
@@ -222,31 +222,12 @@ class KtoBatch:
         return self.completions.tokens + self.mismatched.tokens
 
 
-def pack_sequences(lengths: Sequence[int], row_length: int) -> list[list[int]]:
-    """Greedy first-fit of sequence indices into rows of at most `row_length` tokens, in the given order.
-
-    A sequence longer than `row_length` gets a row of its own (as `pack_examples` does).
-    """
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index, size in enumerate(lengths):
-        for row, free in enumerate(room):
-            if size <= free:
-                rows[row].append(index)
-                room[row] -= size
-                break
-        else:
-            rows.append([index])
-            room.append(row_length - size)
-    return rows
-
-
 def collate_sequences(examples: Sequence[Example], row_length: int, pad_id: int) -> SequenceBatch:
     """Pack `examples` into rows and pad rows to the longest; sequence i of the batch is `examples[i]`."""
     if not examples:
         raise ValueError("collate_sequences needs at least one sequence")
     ids, positions, targets, owners = [], [], [], []
-    for row in pack_sequences([len(e.input_ids) for e in examples], row_length):
+    for row in pack_indices([len(e.input_ids) for e in examples], row_length):
         ids.append([t for i in row for t in examples[i].input_ids])
         positions.append([p for i in row for p in range(len(examples[i].input_ids))])
         targets.append([t for i in row for t in example_targets(examples[i])])
