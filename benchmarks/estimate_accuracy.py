@@ -7,8 +7,9 @@ training measures, per setting, on this machine.
 Default model (SmolLM2-135M) on the bundled tickets, packed rows of 384 tokens, 4 rows per optimizer
 step (rows_per_batch 1 x 4 accumulated, or 2 x 2), precision auto. For each setting, two fresh
 processes, one after the other:
-  estimate  what `afina estimate` does: read and tokenize the data, `check_fits` (the runtime measured
-            in-process before any weights load), then calibrate the time on 3 real optimizer steps
+  estimate  what `afina estimate` does for the same run (max_steps --steps): read and tokenize the data,
+            `check_fits` (the runtime measured in-process before any weights load), then calibrate the
+            time per epoch on 3 real optimizer steps
   train     what `afina train` does: load the weights in the pipeline's dtype, apply the method,
             train --steps optimizer steps with afina's loop in a temporary run directory; measured:
             peak RSS (ru_maxrss) and seconds per step over steps 2..N (the metrics' elapsed, taken
@@ -43,13 +44,14 @@ def run_config(method: str, rows: int, steps: int | None = None):
                             "data": {"path": "bundled:tickets", "max_length": 256}, "training": training})
 
 
-def estimate_worker(method: str, rows: int) -> dict:
-    """`afina estimate` in this process: data, memory, calibrated time."""
+def estimate_worker(method: str, rows: int, steps: int) -> dict:
+    """`afina estimate` in this process for the run that is then trained (`steps` steps: memory
+    depends on how many micro-batch shapes a run meets): data, memory, calibrated time per epoch."""
     from afina.pipeline.run import prepare_data, quiet_libraries
     from afina.training.estimate import estimate_run
 
     quiet_libraries()
-    config = run_config(method, rows)
+    config = run_config(method, rows, steps)
     data = prepare_data(config)
     estimate = estimate_run(config, data.examples["train"], data.tokenizer.pad_token_id)
     return estimate.to_json()
@@ -60,11 +62,11 @@ def train_worker(method: str, rows: int, steps: int) -> dict:
     import torch
     from rich.console import Console
 
+    from afina.data.packing import pack_examples
     from afina.models.adapters import apply_method
     from afina.models.loading import load_model
     from afina.pipeline.run import prepare_data, quiet_libraries, weights_dtype
     from afina.training.loop import rows_per_step, train
-    from afina.data.packing import pack_examples
 
     quiet_libraries()
     config = run_config(method, rows, steps)
@@ -95,7 +97,7 @@ def in_fresh_process(*args: str) -> dict:
 
 def measure(setting: str, steps: int) -> dict:
     method, rows = setting.split(":")
-    predicted = in_fresh_process("--estimate", method, rows)
+    predicted = in_fresh_process("--estimate", method, rows, str(steps))
     measured = in_fresh_process("--train", method, rows, str(steps))
     return {"setting": f"{method}, {rows} x 384 rows x {ROWS_PER_STEP // int(rows)} accumulated",
             "precision": predicted["precision"],
@@ -122,7 +124,7 @@ def markdown(results: list[dict], steps: int) -> str:
 
 def main() -> None:
     if sys.argv[1:2] == ["--estimate"]:
-        print(json.dumps(estimate_worker(sys.argv[2], int(sys.argv[3]))))
+        print(json.dumps(estimate_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
         return
     if sys.argv[1:2] == ["--train"]:
         print(json.dumps(train_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))

@@ -17,9 +17,9 @@ from afina.errors import AfinaError
 from afina.models.adapters import apply_method, body_and_head, trainable_parameters
 from afina.models.loading import load_model
 from afina.pipeline.run import prepare_data
-from afina.training.estimate import (FIT_HEADROOM, Machine, MicroBatch, ModelShape, activation_bytes,
-                                     attention_keeps_scores, check_fits, estimate_run, layer_activation_bytes,
-                                     prepare_on_meta, variant)
+from afina.training.estimate import (CACHED_SHAPES, FIT_HEADROOM, Machine, MicroBatch, ModelShape, activation_bytes,
+                                     attention_keeps_scores, check_before_launch, check_fits, estimate_run,
+                                     layer_activation_bytes, prepare_on_meta, variant)
 from afina.training.loop import total_steps
 from tests.conftest import write_jsonl
 
@@ -188,6 +188,17 @@ def test_a_run_nothing_can_save_is_refused(tiny_model_dir, tmp_path, ticket_rows
     assert check_fits(config, train_examples(config), machine=NO_RUNTIME).require_fit() is None
 
 
+def test_the_launch_check_passes_a_small_run_and_leaves_preference_objectives_alone(tiny_model_dir, tmp_path,
+                                                                                   ticket_rows):
+    config = make_config(tiny_model_dir, tmp_path, ticket_rows)
+    assert check_before_launch(config, train_examples(config)) is None  # fits this machine easily
+    dpo = variant(config, ["objective=dpo"])
+    assert check_before_launch(dpo, []) is None
+    with pytest.raises(AfinaError) as error:
+        check_fits(dpo, [])
+    assert error.value.code == "estimate_unsupported"
+
+
 def test_calibration_times_real_steps_without_touching_the_afina_home(tiny_model_dir, tmp_path, ticket_rows,
                                                                      afina_home):
     config = make_config(tiny_model_dir, tmp_path, ticket_rows, gradient_accumulation=2,
@@ -254,3 +265,35 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_di
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error[{code[case]}]"), result.output
     assert "Traceback" not in result.output
     assert not afina_home.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shape caches are those of bf16 matmuls on CPU")
+def test_bf16_on_cpu_counts_the_kernel_caches_of_micro_batch_shapes_up_to_their_bound(tiny_model_dir, tmp_path,
+                                                                                   ticket_rows):
+    config = make_config(tiny_model_dir, tmp_path, ticket_rows, precision="bf16", row_length=64,
+                         gradient_accumulation=1)
+    examples = train_examples(config)
+    one, whole = (check_fits(variant(config, [f"training.max_steps={n}"] if n else []), examples,
+                             machine=NO_RUNTIME).memory.shape_caches for n in (1, None))
+    assert one > 0 and whole == CACHED_SHAPES * one  # one step, one shape; the epoch's many lengths, bounded
+    fp32 = config.model_copy(update={"training": config.training.model_copy(update={"precision": "fp32"})})
+    assert check_fits(fp32, examples, machine=NO_RUNTIME).memory.shape_caches == 0
+
+
+def test_train_refuses_a_run_that_cannot_fit_before_loading_anything(tiny_model_dir, tmp_path, ticket_rows,
+                                                                    afina_home, monkeypatch):
+    from afina.cli.main import app
+    from afina.training import estimate
+
+    config = tmp_path / "run.yaml"
+    write_jsonl(tmp_path / "tickets.jsonl", ticket_rows)
+    config.write_text(f"model: {tiny_model_dir}\ndata: {{path: tickets.jsonl}}\n"
+                      "training: {row_length: 128, rows_per_batch: 4}\n")
+    monkeypatch.setattr(estimate, "available_ram", lambda: 0)  # a machine with nothing left to give
+    loaded = []
+    monkeypatch.setattr("afina.pipeline.run.load_model", lambda *a, **k: loaded.append(a))
+    result = CliRunner().invoke(app, ["train", str(config)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error[")]
+    assert result.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error[does_not_fit]"), result.output
+    assert "rows_per_batch" in result.output or "smaller model" in result.output  # what would fit, or why nothing does
+    assert not loaded and not (afina_home / "runs").exists()

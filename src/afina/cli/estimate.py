@@ -91,6 +91,8 @@ def estimate_table(estimate) -> Table:
              "allocator": "freed memory the allocator keeps"}
     for name, note in notes.items():
         table.add_row(name, gib(getattr(memory, name)), note)
+    if memory.shape_caches:
+        table.add_row("shape caches", gib(memory.shape_caches), "bf16 kernels keep some per micro-batch shape")
     if memory.optimizer_step > memory.activations + memory.allocator:
         table.add_row("optimizer step", gib(memory.optimizer_step), "AdamW temporaries (replace activations)")
     table.add_row("loading", gib(memory.loading), "weights copied out of the mapped file")

@@ -37,6 +37,7 @@ from afina.models.adapters import apply_method, base_model, check_method_support
 from afina.models.artifacts import load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.paths import runs_dir
+from afina.training.estimate import check_before_launch
 from afina.training.loop import TrainResult, train
 from afina.training.precision import resolve_precision
 from afina.training.reward import attach_reward_head, load_reward_head, save_reward_head
@@ -205,6 +206,9 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
                       "splits " + ", ".join(f"{n} {len(r)}" for n, r in splits.items()))
     if data.tasks:
         console.print("mixture: training draws " + ", ".join(f"{t} {data.train_tasks.count(t)}" for t in data.tasks))
+    warning = check_before_launch(config, data.examples["train"])  # refuses a run that cannot fit
+    if warning:
+        console.print(f"[yellow]warning[/]: {warning}")
     run_dir = resume_dir or new_run_dir(config.name)
     if resume_dir is None:
         write_run_inputs(run_dir, config, data)

@@ -1,8 +1,8 @@
 """Before a run: its tokens and steps, its peak memory, whether it fits, how long it takes, what it costs.
 
     afina estimate configs/tickets-lora.yaml training.rows_per_batch=2
-    estimate = estimate_run(config)                  # the whole estimate, time calibrated on this machine
-    check_fits(config, train_examples).require_fit() # the memory check `afina train` runs before launch
+    estimate = estimate_run(config, train_examples, pad_id)  # everything, time calibrated on this machine
+    check_fits(config, train_examples).require_fit()         # the memory check before `afina train` starts
 
 Peak memory is the larger of two moments. Loading: the runtime, the weights, and (on CPU) the
 safetensors file mapped while weights are copied out of it into another dtype. Training:
@@ -13,7 +13,9 @@ safetensors file mapped while weights are copied out of it into another dtype. T
     optimizer    AdamW: two moments per trainable parameter, in its dtype
     activations  what autograd saves for one micro-batch (see `layer_activation_bytes`), the logits at
                  trained positions, and one layer's worth of backward temporaries
-    allocator    memory freed but kept by the allocator (glibc heaps on CPU, PyTorch's cache on CUDA)
+    allocator    freed memory the allocator keeps: a share of the activations (glibc heaps on CPU,
+                 measured; PyTorch's caching allocator on CUDA, rough)
+    shape caches bf16 on CPU: what the matmul kernels keep for each distinct micro-batch shape the run meets
 
 Parameter counts come from the model config built on the meta device and prepared by the method's
 own `apply_method`, so every method counts exactly what it will train, without any weights loaded.
@@ -46,6 +48,7 @@ from afina.training.cost import cost_of, price_per_hour
 from afina.training.loop import rows_per_step, total_steps, train
 from afina.training.loss import CHUNK_TOKENS
 from afina.training.precision import resolve_precision
+from afina.training.steps import objective_for
 
 GiB = 2**30
 CALIBRATION_STEPS = 3  # the first step pays for one-time setup (optimizer state, kernel choice); 2 and 3 are timed
@@ -60,6 +63,8 @@ FIT_HEADROOM = 0.90  # a run fits when its peak is under 90% of the device: the 
 # 30% of each GPU's dense bf16 peak; training every weight costs 6 instead of 4 FLOPs per parameter.
 GPU_TOKENS_PER_SECOND_PER_BILLION = {"H200": 80_000, "H100": 75_000, "A100": 24_000, "L40S": 25_000,
                                      "L4": 9_000, "A10G": 7_000}
+CACHED_SHAPES = 2  # shapes whose kernels stay cached under the bounded oneDNN caches (measured)
+TOKEN_OBJECTIVES = ("sft", "cpt")  # packed rows of tokens; preference pairs are laid out differently
 # How the inputs of a Llama block's linear layers are shared: q, k and v read one tensor, gate and up another.
 INPUT_GROUPS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention_output",
                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp_output"}
@@ -337,6 +342,30 @@ def loss_bytes(shape: ModelShape, model: PreparedModel, batch: MicroBatch, bf16:
     return norm + head_input + head_copy + logits + indices
 
 
+def micro_batch_shapes(examples: list[Example], training: TrainingConfig) -> int:
+    """Distinct (rows, padded length) shapes among the run's micro-batches, counted up to `CACHED_SHAPES`."""
+    steps, shapes, epoch = total_steps(examples, training), set(), 0
+    while steps > 0 and len(shapes) < CACHED_SHAPES:
+        for step in epoch_steps(examples, training.row_length, rows_per_step(training), training.seed, epoch)[:steps]:
+            lengths = [sum(len(e.input_ids) for e in row) for row in step]
+            shapes |= {(len(lengths[i : i + training.rows_per_batch]), max(lengths[i : i + training.rows_per_batch]))
+                       for i in range(0, len(lengths), training.rows_per_batch)}
+            steps -= 1
+        epoch += 1
+    return min(len(shapes), CACHED_SHAPES)
+
+
+def shape_cache_bytes(model: PreparedModel, shapes: int) -> int:
+    """Memory that bf16 matmuls on CPU keep per input shape (oneDNN's kernels and reordered weights;
+    measured in-use heap growth per new sequence length, independent of the layer count and of the
+    length): about 3.8x the bf16 bytes of a layer's distinct weight shapes on a frozen bf16 base, 2.3x
+    with fp32 weights under autocast. afina bounds those caches (`afina/__init__.py`), so only the
+    last `CACHED_SHAPES` shapes' worth stays."""
+    distinct = {(l.in_features, l.out_features) for l in model.linears}
+    factor = 3.8 if model.weight_dtype_bytes == 2 else 2.3
+    return int(shapes * factor * 2 * sum(i * o for i, o in distinct))
+
+
 def largest_micro_batch(examples: list[Example], training: TrainingConfig) -> MicroBatch:
     """The largest micro-batch the run will see: rows_per_batch rows (fewer if the data has fewer) of
     the longest packed row, with the most trained positions any micro-batch of the first epoch has."""
@@ -365,11 +394,12 @@ class Memory:
     allocator: int
     optimizer_step: int  # temporaries of the AdamW update; activations are freed by then
     loading: int  # the peak while the weights load
+    shape_caches: int = 0  # bf16 on CPU: kept per distinct micro-batch shape (see `shape_cache_bytes`)
 
     @property
     def training(self) -> int:
         work = max(self.activations + self.allocator, self.optimizer_step)
-        return self.runtime + self.weights + self.gradients + self.optimizer + work
+        return self.runtime + self.weights + self.gradients + self.optimizer + self.shape_caches + work
 
     @property
     def peak(self) -> int:
@@ -474,8 +504,9 @@ def plan_memory(config: RunConfig, examples: list[Example], machine: Machine, hf
     step = 2 * model.largest_trainable_bytes if cpu else model.trainable_bytes
     loading = machine.runtime + model.weight_bytes + (mapped_while_loading(config.model, dtype) if cpu else 0)
     share = CPU_ALLOCATOR_SHARE if cpu else CUDA_ALLOCATOR_SHARE
+    caches = shape_cache_bytes(model, micro_batch_shapes(examples, config.training)) if cpu and bf16 else 0
     memory = Memory(machine.runtime, model.weight_bytes, model.trainable_bytes, optimizer, activations,
-                    int(share * activations), step, loading)
+                    int(share * activations), step, loading, caches)
     return Plan(memory, batch, model, precision, checkpointing)
 
 
@@ -567,12 +598,26 @@ class Estimate:
                          else "use a smaller model or a machine with more memory")
 
 
+def check_before_launch(config: RunConfig, examples: list) -> str | None:
+    """The check `afina train` runs after reading the data and before loading the model: raises
+    `does_not_fit` for a run that cannot fit, returns a warning for one that fits only after the
+    loop's out-of-memory fallback. Objectives the estimate does not model yet (preference pairs)
+    pass unchecked."""
+    if config.objective.name not in TOKEN_OBJECTIVES:
+        return None
+    return check_fits(config, examples).require_fit()
+
+
 def check_fits(config: RunConfig, examples: list[Example], capacity: int | None = None,
                machine: Machine | None = None) -> Estimate:
     """The memory half of the estimate: data, peak memory, fit, and settings that would fit. Loads no
     weights and writes nothing (except the one-time default-model cache). Call it before the model
     loads: on CPU it measures the runtime then. `capacity` overrides the bytes the machine offers,
     `machine` the whole machine (tests)."""
+    if config.objective.name not in TOKEN_OBJECTIVES:
+        raise AfinaError("estimate_unsupported", f"the estimate models packed-token objectives (sft, cpt), not "
+                         f"{config.objective.name}", location="objective",
+                         hint="estimate the same data and model with objective: sft for a lower bound")
     machine = machine or Machine.here(capacity)
     hf_config = model_config(config.model)
     plan = plan_memory(config, examples, machine, hf_config)
@@ -691,7 +736,8 @@ def calibrate_seconds_per_token(config: RunConfig, examples: list[Example], pad_
 
     with tempfile.TemporaryDirectory(prefix="afina-estimate-") as run_dir:
         try:
-            train(model, examples, [], training, Path(run_dir), pad_id, Console(quiet=True), after_step)
+            train(model, examples, [], training, Path(run_dir), pad_id, Console(quiet=True), after_step,
+                  objective_for(config))
         except _CalibrationDone:
             pass
     del model
