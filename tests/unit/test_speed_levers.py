@@ -113,7 +113,8 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     results = report["results"]
-    assert {"afina", "trl_default", "trl_best"} <= set(results)
+    assert {"afina", "afina_wide", "trl_default", "trl_best"} <= set(results)
+    assert results["afina_wide"]["tokens_per_second"] > 0
     for name in ("afina", "trl_default", "trl_best"):
         assert results[name]["tokens_per_second"] > 0 and results[name]["peak_rss_mib"] > 0, results[name]
         assert results[name]["epoch"]["validation_loss"] > 0
