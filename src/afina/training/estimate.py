@@ -26,11 +26,14 @@ from a rough throughput table of known GPUs.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -344,14 +347,13 @@ def loss_bytes(shape: ModelShape, model: PreparedModel, batch: MicroBatch, bf16:
 
 def micro_batch_shapes(examples: list[Example], training: TrainingConfig) -> int:
     """Distinct (rows, padded length) shapes among the run's micro-batches, counted up to `CACHED_SHAPES`."""
-    steps, shapes, epoch = total_steps(examples, training), set(), 0
-    while steps > 0 and len(shapes) < CACHED_SHAPES:
-        for step in epoch_steps(examples, training.row_length, rows_per_step(training), training.seed, epoch)[:steps]:
-            lengths = [sum(len(e.input_ids) for e in row) for row in step]
-            shapes |= {(len(lengths[i : i + training.rows_per_batch]), max(lengths[i : i + training.rows_per_batch]))
-                       for i in range(0, len(lengths), training.rows_per_batch)}
-            steps -= 1
-        epoch += 1
+    shapes = set()
+    for step in islice(run_steps(examples, training), total_steps(examples, training)):
+        lengths = [sum(len(e.input_ids) for e in row) for row in step]
+        shapes |= {(len(lengths[i : i + training.rows_per_batch]), max(lengths[i : i + training.rows_per_batch]))
+                   for i in range(0, len(lengths), training.rows_per_batch)}
+        if len(shapes) >= CACHED_SHAPES:
+            break
     return min(len(shapes), CACHED_SHAPES)
 
 
@@ -742,17 +744,17 @@ def calibrate_seconds_per_token(config: RunConfig, examples: list[Example], pad_
             pass
     del model
     gc.collect()
-    timed = calibration_steps(examples, config.training, steps)[1:]
+    timed = list(islice(run_steps(examples, config.training), 1, steps))  # the first step is not timed
     return (stamps[-1] - stamps[0]) / sum(padded_tokens(step, config.training.rows_per_batch) for step in timed)
 
 
-def calibration_steps(examples: list[Example], training: TrainingConfig, count: int) -> list:
-    """The first `count` optimizer steps the loop takes (crossing into later epochs on tiny data)."""
-    steps, epoch = [], 0
-    while len(steps) < count:
-        steps += epoch_steps(examples, training.row_length, rows_per_step(training), training.seed, epoch)
-        epoch += 1
-    return steps[:count]
+def run_steps(examples: list[Example], training: TrainingConfig) -> Iterator[list]:
+    """The optimizer steps the loop takes, epoch after epoch, without end (take what is needed)."""
+    for epoch in itertools.count():
+        steps = epoch_steps(examples, training.row_length, rows_per_step(training), training.seed, epoch)
+        if not steps:
+            return
+        yield from steps
 
 
 def table_tokens_per_second(parameters: int, trains_base: bool, machine: str | None) -> tuple[float, str] | None:
