@@ -15,6 +15,7 @@ from afina.config.loading import validate_config
 from afina.config.methods import FullMethod, LoraMethod
 from afina.errors import AfinaError
 from afina.models.adapters import apply_method, body_and_head, trainable_parameters
+from afina.models.attention import IMPLEMENTATION
 from afina.models.loading import load_model
 from afina.pipeline.run import prepare_data
 from afina.training.estimate import (CACHED_SHAPES, FIT_HEADROOM, Machine, MicroBatch, ModelShape, activation_bytes,
@@ -103,7 +104,7 @@ def saved_bytes(config, method, dtype, bf16, rows, length) -> int:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = IMPLEMENTATION  # as load_model loads
     model = apply_method(AutoModelForCausalLM.from_config(config, dtype=dtype), method).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}

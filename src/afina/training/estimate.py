@@ -45,7 +45,9 @@ from afina.config.schema import RunConfig, TrainingConfig
 from afina.data.packing import epoch_steps, pack_examples
 from afina.data.tokenize import Example
 from afina.errors import AfinaError
-from afina.models.adapters import apply_method, decoder_layers, freezes_base, unwrap
+from afina.models.adapters import apply_method, decoder_layers, freezes_base, is_prompt_learning, unwrap
+from afina.models.attention import MATMUL_SCORES_BYTES
+from afina.models.fused_lora import FusedLoraLinear
 from afina.models.loading import load_model, model_config, resolve_model_dir
 from afina.training.cost import cost_of, price_per_hour
 from afina.training.loop import rows_per_step, total_steps, train
@@ -108,11 +110,13 @@ class Linear:
     lora_rank: int = 0
     lora_dropout: bool = False
     extra: int = 0  # elements per token its adapter keeps besides: DoRA's two scaled outputs, IA3's scaled tensor
+    fused: bool = False  # afina's one-node LoRA (`afina.models.fused_lora`): keeps its input, never a copy
 
     @property
     def keeps_input(self) -> bool:
-        """Backward needs this layer's input: for its weight's gradient or for a LoRA branch without dropout."""
-        return self.weight_trained or (self.lora_rank > 0 and not self.lora_dropout)
+        """Backward needs this layer's input: for its weight's gradient or for a LoRA branch (PEFT's
+        without dropout; the fused one always)."""
+        return self.weight_trained or self.fused or (self.lora_rank > 0 and not self.lora_dropout)
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class PreparedModel:
     head_trained: bool
     embeddings_trained: bool
     weight_dtype_bytes: int
+    packed_attention: bool  # afina's per-example attention (`afina.models.attention`) runs the packed rows
 
 
 def weights_dtype(method, precision: str) -> torch.dtype:
@@ -171,6 +176,7 @@ def prepare_on_meta(hf_config, method, dtype: torch.dtype) -> PreparedModel:
         head_trained=any(p.requires_grad for p in hf_model.get_output_embeddings().parameters()),
         embeddings_trained=embeddings_trained,
         weight_dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
+        packed_attention=not is_prompt_learning(model),  # prefix / prompt tuning run SDPA on masked rows
     )
 
 
@@ -199,11 +205,12 @@ def peft_linear(name: str, module: nn.Module, base: nn.Linear) -> Linear:
     adapter = next(iter(lora), None)
     rank = lora[adapter].out_features if adapter else 0
     dropout = adapter is not None and isinstance(module.lora_dropout[adapter], nn.Dropout)
-    extra = 2 * base.out_features if adapter and getattr(module, "use_dora", {}).get(adapter) else 0
+    dora = bool(adapter and getattr(module, "use_dora", {}).get(adapter))
+    extra = 2 * base.out_features if dora else 0
     if getattr(module, "ia3_l", None):
         extra = base.in_features if module.is_feedforward else base.out_features
     return Linear(name.rsplit(".", 1)[-1], base.in_features, base.out_features, base.weight.requires_grad,
-                  base.weight.element_size(), rank, dropout, extra)
+                  base.weight.element_size(), rank, dropout, extra, isinstance(module, FusedLoraLinear) and not dora)
 
 
 def attached_elements(model: nn.Module) -> int:
@@ -254,50 +261,62 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
 
         norms      the two RMSNorm inputs, upcast to fp32 (2 x hidden x 4), and their rsqrt (2 x 4);
                    the normalized outputs too when the norm weights train (2 x hidden x 4)
-        attention  q, k, v and the output (4 x heads x head_dim x c: a packed mask rules out SDPA's
-                   GQA path, so k and v are repeated to every head), the log-sum-exp (heads x 4), the
-                   mask cast to c per layer (L x c); with the math kernel also the scores (heads x L x c)
+        attention  afina's packed attention: q, k and v gathered into per-example blocks
+                   ((heads + 2 kv_heads) x head_dim x c; block padding is not counted) and the
+                   log-sum-exp (heads x 4); with blocks too large for its matmul kernel SDPA keeps the
+                   output too. Prefix / prompt tuning run SDPA with a mask instead: q, k, v and the
+                   output (4 x heads x head_dim x c, k and v repeated to every head), the log-sum-exp,
+                   the mask cast to c per layer (L x c), with the math kernel the scores (heads x L x c)
         mlp        gate, SiLU(gate) and up outputs (3 x intermediate x c)
-        inputs     of each linear whose weight trains or that carries LoRA: in fp32 one tensor per
-                   shared input (q/k/v share one; o reads the attention output, kept anyway); under
-                   autocast q, k, v, gate and up each keep a bf16 copy of the fp32 norm output, and
-                   every LoRA layer a copy of its input (PEFT casts it to the adapter's fp32 first)
-        adapters   LoRA's rank-r down-projection; with LoRA dropout its fp32 mask and its output
-                   instead of the input (in x (4 + c)); DoRA's two scaled outputs (2 x out x c); IA3's
-                   scaled tensor; afina's bottleneck adapters
+        inputs     of each linear whose weight trains or that carries LoRA: one tensor per shared input
+                   (q/k/v share one, gate/up another; o's is the attention output, which SDPA keeps
+                   anyway); under autocast an fp32 norm output is cast to bf16 for each layer reading it,
+                   and each PEFT LoRA layer keeps a copy of its input (cast to the adapter's fp32 first)
+        adapters   LoRA's rank-r down-projection; with dropout, the fused layer's bool mask (in x 1),
+                   PEFT's fp32 mask and its output instead of the input (in x (4 + c)); DoRA's two
+                   scaled outputs (2 x out x c); IA3's scaled tensor; afina's bottleneck adapters
     and once per micro-batch, under autocast, the bf16 copies of fp32 weights (trained base weights,
     LoRA's A and B) that backward multiplies by.
     """
     c = 2 if bf16 else 4
     heads_dim = shape.heads * shape.head_dim
-    per_token = 2 * shape.hidden * 4 + 2 * 4 + 4 * heads_dim * c + shape.heads * 4 + 3 * shape.intermediate * c
-    per_token += batch.length * c * (1 + (shape.heads if keeps_scores else 0))
+    per_token = 2 * shape.hidden * 4 + 2 * 4 + shape.heads * 4 + 3 * shape.intermediate * c
+    if model.packed_attention:
+        per_token += (shape.heads + 2 * shape.kv_heads) * shape.head_dim * c
+        output_kept = batch.rows * shape.heads * batch.length**2 * 4 > MATMUL_SCORES_BYTES
+        per_token += heads_dim * c if output_kept else 0
+    else:
+        output_kept = True
+        per_token += 4 * heads_dim * c + batch.length * c * (1 + (shape.heads if keeps_scores else 0))
     if model.norms_trained:
         per_token += 2 * shape.hidden * 4
-    per_token += linear_input_bytes(model.linears, c, bf16) + model.attached * c
+    per_token += linear_input_bytes(model.linears, c, bf16, output_kept) + model.attached * c
     return per_token * batch.tokens + (weight_copy_bytes(model.linears) if bf16 else 0)
 
 
-def linear_input_bytes(linears: tuple[Linear, ...], c: int, bf16: bool) -> int:
+def linear_input_bytes(linears: tuple[Linear, ...], c: int, bf16: bool, output_kept: bool) -> int:
     """Per token: what backward needs from the linear layers and their adapters (see
-    `layer_activation_bytes`)."""
+    `layer_activation_bytes`); `output_kept`: the attention kernel keeps its output (o's input)."""
     total, groups = 0, set()
     for linear in linears:
         group = INPUT_GROUPS.get(linear.name, linear.name)
         total += linear.extra * c
         if linear.lora_rank:
             total += linear.lora_rank * c
-            if linear.lora_dropout:  # dropout's mask (fp32, like the adapter) and its output, lora_A's input
+            if linear.fused:
+                total += linear.in_features if linear.lora_dropout else 0  # the bool mask
+            elif linear.lora_dropout:  # dropout's mask (fp32, like the adapter) and its output, lora_A's input
                 total += linear.in_features * (4 + c)
                 continue
-            if bf16:  # PEFT casts the input to the adapter's fp32 and autocast back to bf16: a copy per layer
+            elif bf16:  # PEFT casts the input to the adapter's fp32 and autocast back to bf16: a copy per layer
                 total += linear.in_features * c
                 continue
         if not linear.keeps_input:
             continue
-        if bf16 and group in ("attention", "mlp"):  # fp32 norm outputs, cast for each layer that reads them
+        if bf16 and linear.weight_bytes == 4 and group in ("attention", "mlp"):  # an fp32 norm output is cast
+            # to bf16 for each layer that reads it
             total += linear.in_features * c
-        elif group not in groups and group != "attention_output":  # o reads the attention output, kept anyway
+        elif group not in groups and not (group == "attention_output" and output_kept):
             groups.add(group)
             total += linear.in_features * c
     return total

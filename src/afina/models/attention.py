@@ -1,0 +1,134 @@
+"""Attention for packed rows: each example attends to itself only, at the cost of its own length.
+
+afina packs several examples into one row with position ids restarting at each example.
+transformers' SDPA path then builds a block-diagonal mask over the whole row, and on a CPU the
+masked kernel does the work of the full row (a row of 8 examples costs about 8 times what its
+examples cost alone, and more in the backward pass). Here the examples of a batch are gathered
+into a padded (examples, heads, longest, head_dim) block and attend causally within it, so the
+work grows with each example's own length; the result is the same up to rounding.
+
+Models load with attention implementation `afina_packed`. afina's loss functions pass the layout
+of the rows they feed (`packed_layout`); every other call (generation, a cache, rows with an
+attention mask) goes through transformers' SDPA attention unchanged.
+
+Small blocks use plain matmul-softmax attention with a hand-written backward that recomputes
+the scores instead of keeping them; large ones use SDPA with `is_causal` (its memory-lean kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+IMPLEMENTATION = "afina_packed"
+LAYOUT_KEYWORD = "afina_packed_layout"
+MATMUL_SCORES_BYTES = 64 * 2**20  # fp32 scores of one layer above this: SDPA's kernel instead
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where the examples of a packed batch lie in its flattened (rows x length) tokens."""
+
+    gather: torch.Tensor  # (examples * longest,) token index of each block slot (padding repeats a token)
+    valid: torch.Tensor  # slots that hold a real token, in token order
+    examples: int
+    longest: int
+    tokens: int  # rows x length of the batch it was made for
+
+    @classmethod
+    def from_positions(cls, position_ids: torch.Tensor) -> PackedLayout:
+        flat = position_ids.reshape(-1).cpu()
+        starts = (flat == 0).nonzero().flatten()
+        row_starts = torch.arange(0, flat.numel(), position_ids.shape[-1])
+        starts = torch.unique(torch.cat([starts, row_starts]))  # a row always starts an example
+        lengths = torch.diff(starts, append=torch.tensor([flat.numel()]))
+        longest = int(lengths.max())
+        offsets = torch.arange(longest)
+        gather = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
+        valid = (offsets < lengths[:, None]).flatten().nonzero().flatten()
+        device = position_ids.device
+        return cls(gather.flatten().to(device), valid.to(device), len(starts), longest, flat.numel())
+
+
+def packed_layout(position_ids: torch.Tensor | None) -> dict:
+    """The keyword to pass to the model's forward so attention treats each run of restarting position
+    ids as one example (transformers hands unknown keywords down to the attention function, and
+    gradient checkpointing replays them)."""
+    return {} if position_ids is None else {LAYOUT_KEYWORD: PackedLayout.from_positions(position_ids)}
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-function signature: (batch, heads, length, dim) in, (batch, length, heads, dim) out."""
+    layout = kwargs.pop(LAYOUT_KEYWORD, None)
+    window = getattr(module, "sliding_window", None)
+    if (layout is None or dropout or kwargs.get("softcap") is not None or not getattr(module, "is_causal", True)
+            or query.shape[2] != key.shape[2] or query.shape[0] * query.shape[2] != layout.tokens
+            or (window is not None and layout.longest > window)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    n, longest = layout.examples, layout.longest
+    scale = dim**-0.5 if scaling is None else scaling
+
+    def blocks(states: torch.Tensor) -> torch.Tensor:  # (batch, h, length, dim) -> (examples, h, longest, dim)
+        h = states.shape[1]
+        flat = states.transpose(1, 2).reshape(batch * length, h, dim)
+        return flat[layout.gather].view(n, longest, h, dim).transpose(1, 2)
+
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    q, k, v = blocks(query.to(dtype)), blocks(key.to(dtype)), blocks(value.to(dtype))
+    if n * heads * longest * longest * 4 <= MATMUL_SCORES_BYTES:
+        groups = heads // kv_heads  # query heads sharing a key/value head sit in one matmul
+        out = CausalAttention.apply(q.reshape(n, kv_heads, groups * longest, dim), k, v, scale, longest)
+        out = out.view(n, heads, longest, dim)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
+    out = out.transpose(1, 2).reshape(n * longest, heads, dim)[layout.valid]
+    return out.view(batch, length, heads, dim), None
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(q k^T * scale, causal) v over blocks; q holds `groups` query heads per key head, stacked
+    along its length. Keeps q, k, v and the log-sum-exp; the backward pass recomputes the scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, longest: int):
+        with torch.autocast(q.device.type, enabled=False):  # the fp32 scores stay fp32
+            probs, lse = _probabilities(q, k, scale, longest)
+            out = probs.to(v.dtype) @ v
+        ctx.save_for_backward(q, k, v, lse)
+        ctx.scale, ctx.longest = scale, longest
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, lse = ctx.saved_tensors
+        probs, _ = _probabilities(q, k, ctx.scale, ctx.longest, lse)
+        low = probs.to(v.dtype)
+        grad_v = low.transpose(-1, -2) @ grad_out
+        grad_probs = (grad_out @ v.transpose(-1, -2)).float()
+        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+        grad_scores = (grad_scores * ctx.scale).to(q.dtype)
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None
+
+
+def _probabilities(q, k, scale: float, longest: int, lse: torch.Tensor | None = None):
+    """fp32 causal softmax of the scores, and their log-sum-exp (computed unless given)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # fp32 scores, as SDPA's kernels keep them
+    shape = scores.shape
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
+    scores = scores.view(*shape[:2], -1, longest, longest).masked_fill(~causal, float("-inf")).view(shape)
+    if lse is None:
+        lse = torch.logsumexp(scores, -1, keepdim=True)
+    return torch.exp(scores - lse), lse
+
+
+AttentionInterface.register(IMPLEMENTATION, packed_attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,100 @@
+"""LoRA layers computed as one autograd node: y = x W^T + b + s (drop(x) A^T) B^T.
+
+PEFT's `lora.Linear` runs the update as separate modules: the input cast to the adapter's fp32
+dtype, dropout, two linears, a multiply by the scale and an add. Each is a node of the autograd
+graph with its own saved copy of the input, and under bf16 autocast the casts go there and back.
+With a small model on a CPU those copies and nodes cost as much time as the adapter's arithmetic
+and most of the activation memory. One node computes the same values keeping only the input
+(which the base layer needs anyway), the rank-r projection and, with dropout, a bit mask.
+
+afina swaps PEFT's layers for `FusedLoraLinear` (a subclass, so saving, merging and disabling
+adapters work unchanged) for plain LoRA and rsLoRA on `nn.Linear` bases. A call the fused node does
+not cover (adapters disabled or merged, several adapters, mixed dtypes outside autocast) goes
+through PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """PEFT's LoRA linear layer with its forward pass as one autograd node."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        dtype = fused_dtype(self, x, args, kwargs)
+        if dtype is None:
+            return super().forward(x, *args, **kwargs)
+        name = self.active_adapters[0]
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p) if p > 0 else None
+        base = self.base_layer
+        return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight,
+                                        self.lora_B[name].weight, self.scaling[name], keep, p, dtype)
+
+
+def fused_dtype(layer: FusedLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The dtype the fused node computes in, or None where PEFT's forward must run."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in layer.lora_variant or layer.base_layer.weight.requires_grad:
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    same = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype}
+    return x.dtype if len(same) == 1 else None  # PEFT mixes dtypes its own way; leave that to it
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s (drop(x) A^T) B^T with W (and b) frozen; gradients for x, A and B.
+
+    Dropout keeps the inputs where `keep` (shaped like x) is True, scaled by 1 / (1 - p); None: no dropout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, keep, p: float, dtype: torch.dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        dropped = x2
+        if keep is not None:
+            keep = keep.reshape(x2.shape)
+            dropped = x2 * keep / (1 - p)
+        xa = dropped @ a.t()
+        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, w, a, b, xa, keep)
+        ctx.scale, ctx.p, ctx.shape = scale, p, shape
+        ctx.dtypes = x.dtype, lora_a.dtype, lora_b.dtype
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w, a, b, xa, keep = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        dy = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        dxa = (dy @ b).mul_(ctx.scale)  # gradient at x A^T
+        grad_b = (dy.t() @ xa).mul_(ctx.scale)
+        dropped = x2 if keep is None else x2 * keep / (1 - ctx.p)
+        grad_a = dxa.t() @ dropped
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            through_adapter = dxa @ a
+            if keep is not None:
+                through_adapter = through_adapter * keep / (1 - ctx.p)
+            grad_x = (dy @ w).add_(through_adapter).to(x_dtype).view(ctx.shape)
+        return grad_x, None, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None, None, None, None
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Swap every plain PEFT LoRA linear layer on an nn.Linear base for the fused one; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        if type(module) is PeftLoraLinear and type(module.base_layer) is nn.Linear:
+            module.__class__ = FusedLoraLinear
+            swapped += 1
+    return swapped
