@@ -14,6 +14,10 @@ tokens over `--steps` optimizer steps after one untimed warm-up step, median of 
   +bf16_autocast   bf16 matmuls where the CPU has native bf16 (AVX512-BF16/AMX)
   +bf16_weights    the frozen base kept in bf16 (LoRA weights and optimizer stay fp32)
   +short_rows      rows of 384 tokens accumulated, instead of one long row per step
+  +fused_lora      each LoRA layer as one autograd node instead of PEFT's cast, dropout, two linears,
+                   scale and add (afina.models.fused_lora)
+  +packed_attention  each packed example attends to itself in its own block instead of the row under
+                   a block-diagonal mask (afina.models.attention)
   +compile         torch.compile of the decoder (measured; afina leaves it off if it does not pay)
   threads=1        afina's default on one thread instead of all cores
 """
@@ -30,14 +34,15 @@ import sys
 import time
 from pathlib import Path
 
-LEVERS = ["plain", "+packing", "+trained_logits", "+bf16_autocast", "+bf16_weights", "+short_rows", "+compile"]
+LEVERS = ["plain", "+packing", "+trained_logits", "+bf16_autocast", "+bf16_weights", "+short_rows", "+fused_lora",
+          "+packed_attention", "+compile"]
 EXAMPLES_PER_STEP = 8
 
 
 def settings(name: str) -> dict:
     """The flags of a cumulative setting; `threads=1` is afina's default on one thread."""
     if name == "threads=1":
-        return {**settings("+short_rows"), "threads": 1}
+        return {**settings("+packed_attention"), "threads": 1}
     on = LEVERS[: LEVERS.index(name) + 1]
     return {lever.strip("+"): lever in on for lever in LEVERS[1:]}
 
@@ -46,8 +51,12 @@ def worker(job: dict) -> dict:
     import torch
 
     from afina.config.methods import LoraMethod
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
     from afina.data.packing import collate_rows, pack_examples
+    from afina.models import adapters
     from afina.models.adapters import apply_method, trainable_parameters
+    from afina.models.fused_lora import FusedLoraLinear
     from afina.models.loading import load_model
     from afina.training.loss import plain_loss_sum, sft_loss_sum
 
@@ -61,6 +70,12 @@ def worker(job: dict) -> dict:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if flags["bf16_weights"] else torch.float32
     model = apply_method(load_model(job["model"], dtype=dtype), LoraMethod(**LORA))
+    if not flags["fused_lora"]:  # PEFT's own layers
+        for module in model.modules():
+            if isinstance(module, FusedLoraLinear):
+                module.__class__ = PeftLoraLinear
+    if not flags["packed_attention"]:  # transformers' SDPA under the block-diagonal mask
+        adapters.packed_layout = lambda position_ids: {}
     if flags["compile"]:
         model.get_base_model().model = torch.compile(model.get_base_model().model, dynamic=True)
     optimizer = torch.optim.AdamW(trainable_parameters(model).values(), lr=2e-4)
