@@ -49,10 +49,9 @@ def settings(name: str) -> dict:
 
 def worker(job: dict) -> dict:
     import torch
-
-    from afina.config.methods import LoraMethod
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
+    from afina.config.methods import LoraMethod
     from afina.data.packing import collate_rows, pack_examples
     from afina.models import adapters
     from afina.models.adapters import apply_method, trainable_parameters

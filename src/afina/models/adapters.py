@@ -33,7 +33,7 @@ from afina.errors import AfinaError
 from afina.models.attention import packed_layout
 from afina.models.bottleneck import BottleneckAdapters
 from afina.models.fused_lora import fuse_lora_layers
-from afina.models.loreft import LoreftInterventions, count_in_segments, segment_ids
+from afina.models.loreft import LoreftInterventions, example_slots
 
 LOREFT_ATTR = "afina_loreft"  # where afina's own modules hang on the model
 ADAPTERS_ATTR = "afina_adapters"
@@ -298,12 +298,7 @@ class UnpackedRows:
 
 
 def unpack_rows(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> UnpackedRows:
-    rows, length = input_ids.shape
-    segments = segment_ids(position_ids, rows, length, input_ids.device)
-    per_row = segments[:, -1] + 1
-    row = segments + (torch.cumsum(per_row, 0) - per_row)[:, None]
-    offset = count_in_segments(torch.ones_like(input_ids, dtype=torch.bool), segments)[0] - 1
-    examples, longest = int(per_row.sum()), int(offset.max()) + 1
+    row, offset, examples, longest = example_slots(position_ids, *input_ids.shape, input_ids.device)
     unpacked = input_ids.new_zeros(examples, longest)  # id 0 on padding: masked out, never read
     unpacked[row, offset] = input_ids
     valid = torch.zeros(examples, longest, dtype=torch.bool, device=input_ids.device)

@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from afina.models.loreft import example_slots
+
 IMPLEMENTATION = "afina_packed"
 LAYOUT_KEYWORD = "afina_packed_layout"
 MATMUL_SCORES_BYTES = 64 * 2**20  # fp32 scores of one layer above this: SDPA's kernel instead
@@ -34,25 +36,21 @@ MATMUL_SCORES_BYTES = 64 * 2**20  # fp32 scores of one layer above this: SDPA's 
 class PackedLayout:
     """Where the examples of a packed batch lie in its flattened (rows x length) tokens."""
 
-    gather: torch.Tensor  # (examples * longest,) token index of each block slot (padding repeats a token)
-    valid: torch.Tensor  # slots that hold a real token, in token order
+    gather: torch.Tensor  # (examples * longest,) token index of each block slot (padding reads token 0)
+    valid: torch.Tensor  # the slot of each token, in token order
     examples: int
     longest: int
     tokens: int  # rows x length of the batch it was made for
 
     @classmethod
     def from_positions(cls, position_ids: torch.Tensor) -> PackedLayout:
-        flat = position_ids.reshape(-1).cpu()
-        starts = (flat == 0).nonzero().flatten()
-        row_starts = torch.arange(0, flat.numel(), position_ids.shape[-1])
-        starts = torch.unique(torch.cat([starts, row_starts]))  # a row always starts an example
-        lengths = torch.diff(starts, append=torch.tensor([flat.numel()]))
-        longest = int(lengths.max())
-        offsets = torch.arange(longest)
-        gather = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
-        valid = (offsets < lengths[:, None]).flatten().nonzero().flatten()
-        device = position_ids.device
-        return cls(gather.flatten().to(device), valid.to(device), len(starts), longest, flat.numel())
+        """Examples split where position ids do not continue by 1, as transformers' packed mask splits them."""
+        rows, length = position_ids.shape
+        example, offset, examples, longest = example_slots(position_ids, rows, length, position_ids.device)
+        valid = (example * longest + offset).flatten()
+        gather = torch.zeros(examples * longest, dtype=torch.long, device=position_ids.device)
+        gather[valid] = torch.arange(rows * length, device=position_ids.device)
+        return cls(gather, valid, examples, longest, rows * length)
 
 
 def packed_layout(position_ids: torch.Tensor | None) -> dict:
@@ -84,7 +82,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     q, k, v = blocks(query.to(dtype)), blocks(key.to(dtype)), blocks(value.to(dtype))
-    if n * heads * longest * longest * 4 <= MATMUL_SCORES_BYTES:
+    if uses_matmul_kernel(n, heads, longest):
         groups = heads // kv_heads  # query heads sharing a key/value head sit in one matmul
         out = CausalAttention.apply(q.reshape(n, kv_heads, groups * longest, dim), k, v, scale, longest)
         out = out.view(n, heads, longest, dim)
@@ -92,6 +90,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
     out = out.transpose(1, 2).reshape(n * longest, heads, dim)[layout.valid]
     return out.view(batch, length, heads, dim), None
+
+
+def uses_matmul_kernel(examples: int, heads: int, longest: int) -> bool:
+    """Whether blocks this size run the matmul kernel (fp32 scores of one layer within the bound)."""
+    return examples * heads * longest * longest * 4 <= MATMUL_SCORES_BYTES
 
 
 class CausalAttention(torch.autograd.Function):

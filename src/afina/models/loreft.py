@@ -129,6 +129,17 @@ def segment_ids(position_ids: torch.Tensor | None, rows: int, length: int, devic
     return (step != 1).long().cumsum(1)
 
 
+def example_slots(position_ids: torch.Tensor | None, rows: int, length: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Packed examples laid out one per row: for each token its example (counted over all rows) and its
+    offset inside it, then how many examples there are and the longest one's length."""
+    segments = segment_ids(position_ids, rows, length, device)
+    per_row = segments[:, -1] + 1
+    example = segments + (torch.cumsum(per_row, 0) - per_row)[:, None]
+    offset = count_in_segments(torch.ones(rows, length, dtype=torch.bool, device=device), segments)[0] - 1
+    return example, offset, int(per_row.sum()), int(offset.max()) + 1
+
+
 def count_in_segments(flags: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each token: how many flagged tokens of its segment come up to and including it, and how
     many its segment has in all."""

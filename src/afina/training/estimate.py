@@ -46,7 +46,7 @@ from afina.data.packing import epoch_steps, pack_examples
 from afina.data.tokenize import Example
 from afina.errors import AfinaError
 from afina.models.adapters import apply_method, decoder_layers, freezes_base, is_prompt_learning, unwrap
-from afina.models.attention import MATMUL_SCORES_BYTES
+from afina.models.attention import uses_matmul_kernel
 from afina.models.fused_lora import FusedLoraLinear
 from afina.models.loading import load_model, model_config, resolve_model_dir
 from afina.training.cost import cost_of, price_per_hour
@@ -283,7 +283,7 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
     per_token = 2 * shape.hidden * 4 + 2 * 4 + shape.heads * 4 + 3 * shape.intermediate * c
     if model.packed_attention:
         per_token += (shape.heads + 2 * shape.kv_heads) * shape.head_dim * c
-        output_kept = batch.rows * shape.heads * batch.length**2 * 4 > MATMUL_SCORES_BYTES
+        output_kept = not uses_matmul_kernel(batch.rows, shape.heads, batch.length)  # else SDPA keeps it
         per_token += heads_dim * c if output_kept else 0
     else:
         output_kept = True
