@@ -58,7 +58,7 @@ def test_each_lever_keeps_loss_and_gradients_of_the_plain_path(lora_tiny, tiny_t
     assert_same(plain, loss_and_grads(lora_tiny, packed_rows, plain_loss_sum))
     # projection and cross-entropy only at trained positions
     assert_same(plain, loss_and_grads(lora_tiny, packed_rows, sft_loss_sum))
-    # chunked cross-entropy with logits recomputed in backward (tiny chunks force several)
+    # fused linear cross-entropy, gradients computed chunk by chunk (tiny chunks force several)
     monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 7)
     chunked = loss_and_grads(lora_tiny, packed_rows,
                              lambda m, b: loss_module.chunked_cross_entropy_sum(*hidden_targets(m, b), chunk=7))
@@ -67,6 +67,23 @@ def test_each_lever_keeps_loss_and_gradients_of_the_plain_path(lora_tiny, tiny_t
     short = [collate_rows([row], pad) for row in pack_examples(data, 64)]
     assert len(short) > 2
     assert_same(plain, loss_and_grads(lora_tiny, short, sft_loss_sum))
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "wrapped"])
+def test_linear_cross_entropy_matches_autograd(head_kind):
+    """The fused head (gradients of hidden and of a training head weight computed in forward) and the
+    checkpointed chunks other heads take both equal plain cross-entropy, in float64."""
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 6, dtype=torch.float64, requires_grad=True)
+    linear = torch.nn.Linear(6, 11, bias=False).double()
+    head = linear if head_kind == "linear" else torch.nn.Sequential(linear)
+    targets = torch.randint(0, 11, (23,))
+    plain = torch.nn.functional.cross_entropy(linear(hidden), targets, reduction="sum")
+    chunked = loss_module.chunked_cross_entropy_sum(hidden, targets, head, chunk=5)
+    torch.testing.assert_close(chunked, plain.float())
+    for got, want in zip(torch.autograd.grad(0.3 * chunked, (hidden, linear.weight)),
+                         torch.autograd.grad(0.3 * plain, (hidden, linear.weight))):
+        torch.testing.assert_close(got, want)
 
 
 def test_fused_lora_layers_match_peft_layers(lora_tiny, tiny_tokenizer, ticket_rows):

@@ -99,38 +99,35 @@ def uses_matmul_kernel(examples: int, heads: int, longest: int) -> bool:
 
 class CausalAttention(torch.autograd.Function):
     """softmax(q k^T * scale, causal) v over blocks; q holds `groups` query heads per key head, stacked
-    along its length. Keeps q, k, v and the log-sum-exp; the backward pass recomputes the scores."""
+    along its length. Keeps only q, k and v; the backward pass recomputes the probabilities."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, longest: int):
         with torch.autocast(q.device.type, enabled=False):  # the fp32 scores stay fp32
-            probs, lse = _probabilities(q, k, scale, longest)
-            out = probs.to(v.dtype) @ v
-        ctx.save_for_backward(q, k, v, lse)
+            out = _probabilities(q, k, scale, longest).to(v.dtype) @ v
+        ctx.save_for_backward(q, k, v)
         ctx.scale, ctx.longest = scale, longest
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, lse = ctx.saved_tensors
-        probs, _ = _probabilities(q, k, ctx.scale, ctx.longest, lse)
-        low = probs.to(v.dtype)
-        grad_v = low.transpose(-1, -2) @ grad_out
+        q, k, v = ctx.saved_tensors
+        probs = _probabilities(q, k, ctx.scale, ctx.longest)
+        grad_v = probs.to(v.dtype).transpose(-1, -2) @ grad_out
         grad_probs = (grad_out @ v.transpose(-1, -2)).float()
-        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
-        grad_scores = (grad_scores * ctx.scale).to(q.dtype)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
+        grad_scores = grad_scores.mul_(ctx.scale).to(q.dtype)
         return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None
 
 
-def _probabilities(q, k, scale: float, longest: int, lse: torch.Tensor | None = None):
-    """fp32 causal softmax of the scores, and their log-sum-exp (computed unless given)."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # fp32 scores, as SDPA's kernels keep them
-    shape = scores.shape
-    causal = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
-    scores = scores.view(*shape[:2], -1, longest, longest).masked_fill(~causal, float("-inf")).view(shape)
-    if lse is None:
-        lse = torch.logsumexp(scores, -1, keepdim=True)
-    return torch.exp(scores - lse), lse
+def _probabilities(q, k, scale: float, longest: int) -> torch.Tensor:
+    """fp32 causal softmax of the scores: one batched multiply-add puts the scale and the causal mask
+    (an additive -inf triangle, repeated for the stacked query heads) into the scores, then softmax."""
+    n, h, stacked, dim = q.shape
+    causal = torch.full((longest, longest), float("-inf"), device=q.device).triu_(1).repeat(stacked // longest, 1)
+    scores = torch.baddbmm(causal, q.float().reshape(n * h, stacked, dim),
+                           k.float().reshape(n * h, longest, dim).transpose(1, 2), alpha=scale)
+    return torch.softmax(scores, -1).view(n, h, stacked, longest)
 
 
 AttentionInterface.register(IMPLEMENTATION, packed_attention)

@@ -51,7 +51,7 @@ from afina.models.fused_lora import FusedLoraLinear
 from afina.models.loading import load_model, model_config, resolve_model_dir
 from afina.training.cost import cost_of, price_per_hour
 from afina.training.loop import rows_per_step, total_steps, train
-from afina.training.loss import CHUNK_TOKENS
+from afina.training.loss import CHUNK_TOKENS, fuses_head
 from afina.training.precision import resolve_precision
 from afina.training.steps import objective_for
 
@@ -133,6 +133,7 @@ class PreparedModel:
     attached: int  # elements per token and layer that afina's bottleneck adapters keep
     norms_trained: bool
     head_trained: bool
+    fused_head: bool  # the loss computes the head's gradients chunk by chunk (`afina.training.loss`)
     embeddings_trained: bool
     weight_dtype_bytes: int
     packed_attention: bool  # afina's per-example attention (`afina.models.attention`) runs the packed rows
@@ -174,6 +175,7 @@ def prepare_on_meta(hf_config, method, dtype: torch.dtype) -> PreparedModel:
         attached=attached_elements(model) // max(1, len(layers) - first),
         norms_trained=any(p.requires_grad for n, p in last.named_parameters() if "norm" in n),
         head_trained=any(p.requires_grad for p in hf_model.get_output_embeddings().parameters()),
+        fused_head=fuses_head(hf_model.get_output_embeddings()),
         embeddings_trained=embeddings_trained,
         weight_dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
         packed_attention=not is_prompt_learning(model),  # prefix / prompt tuning run SDPA on masked rows
@@ -262,9 +264,9 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
         norms      the two RMSNorm inputs, upcast to fp32 (2 x hidden x 4), and their rsqrt (2 x 4);
                    the normalized outputs too when the norm weights train (2 x hidden x 4)
         attention  afina's packed attention: q, k and v gathered into per-example blocks
-                   ((heads + 2 kv_heads) x head_dim x c; block padding is not counted) and the
-                   log-sum-exp (heads x 4); with blocks too large for its matmul kernel SDPA keeps the
-                   output too. Prefix / prompt tuning run SDPA with a mask instead: q, k, v and the
+                   ((heads + 2 kv_heads) x head_dim x c; block padding is not counted); with blocks
+                   too large for its matmul kernel SDPA keeps the output and the log-sum-exp (heads x 4)
+                   too. Prefix / prompt tuning run SDPA with a mask instead: q, k, v and the
                    output (4 x heads x head_dim x c, k and v repeated to every head), the log-sum-exp,
                    the mask cast to c per layer (L x c), with the math kernel the scores (heads x L x c)
         mlp        gate, SiLU(gate) and up outputs (3 x intermediate x c)
@@ -280,14 +282,14 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
     """
     c = 2 if bf16 else 4
     heads_dim = shape.heads * shape.head_dim
-    per_token = 2 * shape.hidden * 4 + 2 * 4 + shape.heads * 4 + 3 * shape.intermediate * c
+    per_token = 2 * shape.hidden * 4 + 2 * 4 + 3 * shape.intermediate * c
     if model.packed_attention:
         per_token += (shape.heads + 2 * shape.kv_heads) * shape.head_dim * c
         output_kept = not uses_matmul_kernel(batch.rows, shape.heads, batch.length)  # else SDPA keeps it
-        per_token += heads_dim * c if output_kept else 0
+        per_token += (heads_dim * c + shape.heads * 4) if output_kept else 0
     else:
         output_kept = True
-        per_token += 4 * heads_dim * c + batch.length * c * (1 + (shape.heads if keeps_scores else 0))
+        per_token += 4 * heads_dim * c + shape.heads * 4 + batch.length * c * (1 + (shape.heads if keeps_scores else 0))
     if model.norms_trained:
         per_token += 2 * shape.hidden * 4
     per_token += linear_input_bytes(model.linears, c, bf16, output_kept) + model.attached * c
@@ -348,18 +350,25 @@ def activation_bytes(shape: ModelShape, model: PreparedModel, batch: MicroBatch,
 
 
 def loss_bytes(shape: ModelShape, model: PreparedModel, batch: MicroBatch, bf16: bool) -> int:
-    """The final norm, the head's input where the head trains, and the logits of trained positions:
-    fp32 log-softmax kept for backward while a chunk fits in one go (`chunked_cross_entropy_sum`
-    recomputes larger ones), plus the logits and their gradient alive at once during backward; under
-    autocast also the bf16 logits and the bf16 copy of an fp32 head weight."""
+    """The final norm and the logits of trained positions. A plain head (`LinearCrossEntropy`) holds one
+    chunk's fp32 logits and a temporary of their size at a time, and keeps the gradients it computed:
+    the hidden states' and, where the head trains, its weight's (fp32). Any other head keeps its input
+    where it trains and the fp32 log-softmax while the trained positions fit in one chunk (larger ones
+    are recomputed), plus the logits and their gradient alive at once during backward; under autocast
+    also the bf16 logits. Under autocast, an fp32 head weight's bf16 copy."""
     c = 2 if bf16 else 4
     head_copy = shape.vocab * shape.hidden * 2 if bf16 and model.weight_dtype_bytes == 4 else 0
     norm = (batch.tokens * (shape.hidden + 1) * 4) if model.layers_on_path or model.norms_trained else 0
     trained = batch.trained_tokens
-    head_input = trained * shape.hidden * c if model.head_trained else 0
     chunk = min(trained, CHUNK_TOKENS)
-    kept = trained * shape.vocab * 4 if trained <= CHUNK_TOKENS else 0
-    logits = kept + 2 * chunk * shape.vocab * 4 + (chunk * shape.vocab * 2 if bf16 else 0)
+    if model.fused_head:
+        head_input = 0
+        logits = 2 * chunk * shape.vocab * 4 + trained * shape.hidden * c
+        logits += shape.vocab * shape.hidden * 4 if model.head_trained else 0
+    else:
+        head_input = trained * shape.hidden * c if model.head_trained else 0
+        kept = trained * shape.vocab * 4 if trained <= CHUNK_TOKENS else 0
+        logits = kept + 2 * chunk * shape.vocab * 4 + (chunk * shape.vocab * 2 if bf16 else 0)
     indices = batch.tokens * 8 if model.embeddings_trained else 0
     return norm + head_input + head_copy + logits + indices
 

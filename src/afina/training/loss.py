@@ -2,8 +2,9 @@
 
 The vocabulary projection (hidden -> 49k logits for the default model) is a large share of the
 cost; prompt tokens carry no loss, so the projection and cross-entropy run only on the positions
-that are trained. Those positions are projected in chunks whose logits are recomputed during the
-backward pass instead of being kept, so a step never holds more than one chunk of logits.
+that are trained. Those positions are projected a chunk at a time, and the gradient of each chunk
+is computed right after its loss (`LinearCrossEntropy`), so no logits outlive their chunk: a step
+holds one chunk of logits whatever its trained tokens, and nothing is recomputed in backward.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from afina.data.packing import IGNORE, Batch
 from afina.models.adapters import body_and_head
 from afina.models.loreft import prompt_mask_from_targets
 
-CHUNK_TOKENS = 1024  # trained positions projected at once: 1024 x 49k fp32 logits is 200 MB
+CHUNK_TOKENS = 256  # trained positions projected at once: 256 x 49k fp32 logits is 50 MB
 
 
 def sft_loss_sum(model, batch: Batch) -> torch.Tensor:
@@ -36,12 +37,17 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head:
                               chunk: int = CHUNK_TOKENS) -> torch.Tensor:
     """sum(cross_entropy(head(hidden), targets)), one chunk of positions at a time.
 
-    With gradients on, each chunk's logits are dropped after its loss and recomputed in backward
-    (one extra head projection of the trained positions, in exchange for never holding them all).
+    A plain linear head (every model afina trains unless the head itself carries an adapter) runs
+    `LinearCrossEntropy`; any other head keeps autograd's path, each chunk's logits recomputed in
+    backward when there are several.
     """
-    if hidden.shape[0] <= chunk or not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():
         return sum((_chunk_loss(hidden[i : i + chunk], targets[i : i + chunk], head)
-                    for i in range(0, max(1, hidden.shape[0]), chunk)), torch.zeros((), device=hidden.device))
+                    for i in range(0, hidden.shape[0], chunk)), torch.zeros((), device=hidden.device))
+    if fuses_head(head):
+        return LinearCrossEntropy.apply(hidden, head.weight, targets, chunk)
+    if hidden.shape[0] <= chunk:
+        return _chunk_loss(hidden, targets, head)
     total = torch.zeros((), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
         total = total + checkpoint(_chunk_loss, hidden[start : start + chunk], targets[start : start + chunk], head,
@@ -49,9 +55,56 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head:
     return total
 
 
+def fuses_head(head: torch.nn.Module) -> bool:
+    """Whether the loss runs `LinearCrossEntropy` on this output projection (a plain bias-free linear)."""
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     logits = head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden W^T, targets)) with its gradients computed in the forward pass.
+
+    Each chunk's logits (fp32, as autocast's cross-entropy computes them) become its gradient in
+    place, softmax minus the one-hot target, and are multiplied into the gradients of `hidden` and,
+    when the head trains, of W; the backward pass only scales what was kept. Matmuls run in the
+    autocast dtype when autocast is on, as `head(hidden)` would.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start : start + chunk].to(dtype), targets[start : start + chunk]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, -1, keepdim=True)
+                total += (lse.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                grad = logits.sub_(lse).exp_()  # softmax, then minus the one-hot target
+                grad[torch.arange(t.shape[0], device=t.device), t] -= 1
+                grad = grad.to(dtype)
+                torch.mm(grad, w, out=grad_hidden[start : start + chunk])
+                if grad_weight is not None:
+                    grad_weight += grad.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_hidden = (grad_hidden * grad_total).to(hidden_dtype)
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 def plain_loss_sum(model, batch: Batch) -> torch.Tensor:
