@@ -119,6 +119,46 @@ def test_fused_lora_dropout_and_bias_match_autograd():
         torch.testing.assert_close(got, want)
 
 
+def test_gated_lora_function_matches_autograd():
+    """A SwiGLU down projection's node: SiLU(gate) * up formed inside, with dropout and bias, in float64."""
+    from afina.models.fused_lora import LoraLinearFunction
+
+    torch.manual_seed(0)
+    gate = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 5, 6) > 0.3
+    fused = LoraLinearFunction.apply(up, weight, bias, a, b, 0.5, keep, 0.3, torch.float64, gate)
+    x = torch.nn.functional.silu(gate) * up
+    plain = x @ weight.t() + bias + 0.5 * ((x * keep / 0.7) @ a.t()) @ b.t()
+    torch.testing.assert_close(fused, plain)
+    grad = torch.randn_like(plain)
+    for got, want in zip(torch.autograd.grad(fused, (gate, up, a, b), grad),
+                         torch.autograd.grad(plain, (gate, up, a, b), grad)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fused_norms_and_mlp_match_transformers_modules(tiny_model_dir, tiny_tokenizer, ticket_rows, method):
+    """RMSNorm and the SwiGLU block as one node each give transformers' loss and gradients (full
+    fine-tuning checks the norm weights' gradients too)."""
+    from afina.config.methods import FullMethod
+
+    torch.manual_seed(0)
+    model = apply_method(load_model(str(tiny_model_dir)), LoraMethod(r=4, alpha=8, dropout=0.0)
+                         if method == "lora" else FullMethod())
+    fused = [m for m in model.modules() if type(m).__name__.startswith("Fused") and "Lora" not in type(m).__name__]
+    assert len(fused) == 2 * 2 + 1 + 2  # two norms per decoder layer, the final norm, one MLP per layer
+    batches = [collate_rows(pack_examples(examples(tiny_tokenizer, ticket_rows[:8]), 4096),
+                            tiny_tokenizer.pad_token_id)]
+    fast = loss_and_grads(model, batches, sft_loss_sum)
+    for module in fused:
+        module.__class__ = type(module).__mro__[1]  # transformers' own class
+    assert_same(loss_and_grads(model, batches, sft_loss_sum), fast)
+
+
 def test_fused_lora_with_dropout_trains_and_is_deterministic_in_eval(tiny_model_dir, tiny_tokenizer, ticket_rows):
     torch.manual_seed(0)
     model = apply_method(load_model(str(tiny_model_dir)), LoraMethod(r=4, alpha=8, dropout=0.3))

@@ -32,6 +32,7 @@ from afina.config.methods import AnyMethod
 from afina.errors import AfinaError
 from afina.models.attention import packed_layout
 from afina.models.bottleneck import BottleneckAdapters
+from afina.models.fused_layers import fuse_layers
 from afina.models.fused_lora import fuse_lora_layers
 from afina.models.loreft import LoreftInterventions, example_slots
 
@@ -98,6 +99,7 @@ def apply_method(model: PreTrainedModel, method: AnyMethod) -> nn.Module:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if method.gradient_checkpointing:
         enable_checkpointing(model)
+    fuse_layers(model)
     if method.name == "full":
         model.requires_grad_(True)
         return model

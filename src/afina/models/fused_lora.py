@@ -16,6 +16,7 @@ through PEFT's own forward.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
@@ -27,13 +28,21 @@ class FusedLoraLinear(PeftLoraLinear):
         dtype = fused_dtype(self, x, args, kwargs)
         if dtype is None:
             return super().forward(x, *args, **kwargs)
+        return self._fused(x, None, dtype)
+
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """This layer applied to SiLU(gate) * up (a SwiGLU block's down projection) without keeping
+        the product: the node keeps gate and up and forms it again in backward."""
+        return self._fused(up, gate, fused_dtype(self, up, (), {}))
+
+    def _fused(self, x: torch.Tensor, gate: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         name = self.active_adapters[0]
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p) if p > 0 else None
         base = self.base_layer
         return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A[name].weight,
-                                        self.lora_B[name].weight, self.scaling[name], keep, p, dtype)
+                                        self.lora_B[name].weight, self.scaling[name], keep, p, dtype, gate)
 
 
 def fused_dtype(layer: FusedLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.dtype | None:
@@ -53,12 +62,18 @@ class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + s (drop(x) A^T) B^T with W (and b) frozen; gradients for x, A and B.
 
     Dropout keeps the inputs where `keep` (shaped like x) is True, scaled by 1 / (1 - p); None: no dropout.
+    With `gate`, the layer's input is SiLU(gate) * x, formed here and again in backward rather than
+    kept; gate then gets a gradient too.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, keep, p: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, keep, p: float, dtype: torch.dtype,
+                gate=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
+        if gate is not None:
+            gate = gate.reshape(x2.shape).to(dtype)
+            x2, up = F.silu(gate) * x2, x2
         w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         dropped = x2
         if keep is not None:
@@ -67,27 +82,34 @@ class LoraLinearFunction(torch.autograd.Function):
         xa = dropped @ a.t()
         y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, w, a, b, xa, keep)
+        ctx.save_for_backward(x2 if gate is None else up, w, a, b, xa, keep, gate)
         ctx.scale, ctx.p, ctx.shape = scale, p, shape
         ctx.dtypes = x.dtype, lora_a.dtype, lora_b.dtype
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, w, a, b, xa, keep = ctx.saved_tensors
+        x2, w, a, b, xa, keep, gate = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
+        up = x2
+        if gate is not None:
+            x2 = F.silu(gate) * up
         dy = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
         dxa = (dy @ b).mul_(ctx.scale)  # gradient at x A^T
         grad_b = (dy.t() @ xa).mul_(ctx.scale)
         dropped = x2 if keep is None else x2 * keep / (1 - ctx.p)
         grad_a = dxa.t() @ dropped
-        grad_x = None
-        if ctx.needs_input_grad[0]:
+        grad_x = grad_gate = None
+        if ctx.needs_input_grad[0] or gate is not None:
             through_adapter = dxa @ a
             if keep is not None:
                 through_adapter = through_adapter * keep / (1 - ctx.p)
-            grad_x = (dy @ w).add_(through_adapter).to(x_dtype).view(ctx.shape)
-        return grad_x, None, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None, None, None, None
+            grad_x = (dy @ w).add_(through_adapter)
+            if gate is not None:  # through the product SiLU(gate) * up
+                grad_gate = torch.ops.aten.silu_backward(grad_x * up, gate).to(x_dtype).view(ctx.shape)
+                grad_x = grad_x.mul_(F.silu(gate))
+            grad_x = grad_x.to(x_dtype).view(ctx.shape)
+        return grad_x, None, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None, None, None, None, grad_gate
 
 
 def fuse_lora_layers(model: nn.Module) -> int:

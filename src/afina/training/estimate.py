@@ -47,6 +47,7 @@ from afina.data.tokenize import Example
 from afina.errors import AfinaError
 from afina.models.adapters import apply_method, decoder_layers, freezes_base, is_prompt_learning, unwrap
 from afina.models.attention import uses_matmul_kernel
+from afina.models.fused_layers import is_fused
 from afina.models.fused_lora import FusedLoraLinear
 from afina.models.loading import load_model, model_config, resolve_model_dir
 from afina.training.cost import cost_of, price_per_hour
@@ -137,6 +138,8 @@ class PreparedModel:
     embeddings_trained: bool
     weight_dtype_bytes: int
     packed_attention: bool  # afina's per-example attention (`afina.models.attention`) runs the packed rows
+    fused_norms: bool  # RMSNorm as one node (`afina.models.fused_layers`): keeps its input as it came
+    fused_mlp: bool  # the SwiGLU block's forward from `afina.models.fused_layers`
 
 
 def weights_dtype(method, precision: str) -> torch.dtype:
@@ -179,6 +182,8 @@ def prepare_on_meta(hf_config, method, dtype: torch.dtype) -> PreparedModel:
         embeddings_trained=embeddings_trained,
         weight_dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
         packed_attention=not is_prompt_learning(model),  # prefix / prompt tuning run SDPA on masked rows
+        fused_norms=any(is_fused(m) and "Norm" in type(m).__name__ for m in last.modules()),
+        fused_mlp=any(is_fused(m) and "MLP" in type(m).__name__ for m in last.modules()),
     )
 
 
@@ -261,15 +266,17 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
     hooks show them (`tests/unit/test_estimate.py` checks the sum against the hooks). Per token, with
     c the compute dtype's bytes (2 under bf16 autocast, else 4):
 
-        norms      the two RMSNorm inputs, upcast to fp32 (2 x hidden x 4), and their rsqrt (2 x 4);
-                   the normalized outputs too when the norm weights train (2 x hidden x 4)
+        norms      the two RMSNorm inputs: as they came (2 x hidden x r, r the bytes of the residual
+                   stream's dtype) and their inverse RMS (2 x 4) with afina's fused norm; else upcast to
+                   fp32 (2 x hidden x 4) with the rsqrt, and the normalized outputs when the weights train
         attention  afina's packed attention: q, k and v gathered into per-example blocks
                    ((heads + 2 kv_heads) x head_dim x c; block padding is not counted); with blocks
                    too large for its matmul kernel SDPA keeps the output and the log-sum-exp (heads x 4)
                    too. Prefix / prompt tuning run SDPA with a mask instead: q, k, v and the
                    output (4 x heads x head_dim x c, k and v repeated to every head), the log-sum-exp,
                    the mask cast to c per layer (L x c), with the math kernel the scores (heads x L x c)
-        mlp        gate, SiLU(gate) and up outputs (3 x intermediate x c)
+        mlp        gate, SiLU(gate) and up outputs (3 x intermediate x c); gate and up only when the
+                   fused down projection forms SiLU(gate) * up itself (it then keeps no input either)
         inputs     of each linear whose weight trains or that carries LoRA: one tensor per shared input
                    (q/k/v share one, gate/up another; o's is the attention output, which SDPA keeps
                    anyway); under autocast an fp32 norm output is cast to bf16 for each layer reading it,
@@ -282,7 +289,10 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
     """
     c = 2 if bf16 else 4
     heads_dim = shape.heads * shape.head_dim
-    per_token = 2 * shape.hidden * 4 + 2 * 4 + 3 * shape.intermediate * c
+    down = next((linear for linear in model.linears if linear.name == "down_proj"), None)
+    gated = model.fused_mlp and down is not None and down.fused
+    per_token = 2 * 4 + (2 if gated else 3) * shape.intermediate * c
+    per_token += 2 * shape.hidden * (model.weight_dtype_bytes if model.fused_norms else 4)
     if model.packed_attention:
         per_token += (shape.heads + 2 * shape.kv_heads) * shape.head_dim * c
         output_kept = not uses_matmul_kernel(batch.rows, shape.heads, batch.length)  # else SDPA keeps it
@@ -290,15 +300,18 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
     else:
         output_kept = True
         per_token += 4 * heads_dim * c + shape.heads * 4 + batch.length * c * (1 + (shape.heads if keeps_scores else 0))
-    if model.norms_trained:
+    if model.norms_trained and not model.fused_norms:
         per_token += 2 * shape.hidden * 4
-    per_token += linear_input_bytes(model.linears, c, bf16, output_kept) + model.attached * c
+    not_counted = {"attention_output"} if output_kept else set()
+    not_counted |= {"mlp_output"} if gated else set()
+    per_token += linear_input_bytes(model.linears, c, bf16, not_counted) + model.attached * c
     return per_token * batch.tokens + (weight_copy_bytes(model.linears) if bf16 else 0)
 
 
-def linear_input_bytes(linears: tuple[Linear, ...], c: int, bf16: bool, output_kept: bool) -> int:
+def linear_input_bytes(linears: tuple[Linear, ...], c: int, bf16: bool, not_counted: set[str]) -> int:
     """Per token: what backward needs from the linear layers and their adapters (see
-    `layer_activation_bytes`); `output_kept`: the attention kernel keeps its output (o's input)."""
+    `layer_activation_bytes`); inputs of the groups in `not_counted` are kept elsewhere (o's input by
+    the attention kernel) or formed again in backward (the fused SwiGLU product)."""
     total, groups = 0, set()
     for linear in linears:
         group = INPUT_GROUPS.get(linear.name, linear.name)
@@ -318,7 +331,7 @@ def linear_input_bytes(linears: tuple[Linear, ...], c: int, bf16: bool, output_k
         if bf16 and linear.weight_bytes == 4 and group in ("attention", "mlp"):  # an fp32 norm output is cast
             # to bf16 for each layer that reads it
             total += linear.in_features * c
-        elif group not in groups and not (group == "attention_output" and output_kept):
+        elif group not in groups and group not in not_counted:
             groups.add(group)
             total += linear.in_features * c
     return total
@@ -358,7 +371,8 @@ def loss_bytes(shape: ModelShape, model: PreparedModel, batch: MicroBatch, bf16:
     also the bf16 logits. Under autocast, an fp32 head weight's bf16 copy."""
     c = 2 if bf16 else 4
     head_copy = shape.vocab * shape.hidden * 2 if bf16 and model.weight_dtype_bytes == 4 else 0
-    norm = (batch.tokens * (shape.hidden + 1) * 4) if model.layers_on_path or model.norms_trained else 0
+    norm_input = shape.hidden * (model.weight_dtype_bytes if model.fused_norms else 4)
+    norm = batch.tokens * (norm_input + 4) if model.layers_on_path or model.norms_trained else 0
     trained = batch.trained_tokens
     chunk = min(trained, CHUNK_TOKENS)
     if model.fused_head:
