@@ -18,6 +18,9 @@ tokens over `--steps` optimizer steps after one untimed warm-up step, median of 
                    scale and add (afina.models.fused_lora)
   +packed_attention  each packed example attends to itself in its own block instead of the row under
                    a block-diagonal mask (afina.models.attention)
+  +fused_layers    RMSNorm and the SwiGLU block as one autograd node each (afina.models.fused_layers)
+  +fused_cross_entropy  each chunk's head and cross-entropy gradients computed in forward, no logits
+                   kept or recomputed (afina.training.loss.LinearCrossEntropy)
   +compile         torch.compile of the decoder (measured; afina leaves it off if it does not pay)
   threads=1        afina's default on one thread instead of all cores
 """
@@ -35,14 +38,14 @@ import time
 from pathlib import Path
 
 LEVERS = ["plain", "+packing", "+trained_logits", "+bf16_autocast", "+bf16_weights", "+short_rows", "+fused_lora",
-          "+packed_attention", "+compile"]
+          "+packed_attention", "+fused_layers", "+fused_cross_entropy", "+compile"]
 EXAMPLES_PER_STEP = 8
 
 
 def settings(name: str) -> dict:
     """The flags of a cumulative setting; `threads=1` is afina's default on one thread."""
     if name == "threads=1":
-        return {**settings("+packed_attention"), "threads": 1}
+        return {**settings("+fused_cross_entropy"), "threads": 1}
     on = LEVERS[: LEVERS.index(name) + 1]
     return {lever.strip("+"): lever in on for lever in LEVERS[1:]}
 
@@ -55,8 +58,10 @@ def worker(job: dict) -> dict:
     from afina.data.packing import collate_rows, pack_examples
     from afina.models import adapters
     from afina.models.adapters import apply_method, trainable_parameters
+    from afina.models.fused_layers import is_fused
     from afina.models.fused_lora import FusedLoraLinear
     from afina.models.loading import load_model
+    from afina.training import loss as loss_module
     from afina.training.loss import plain_loss_sum, sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -75,6 +80,12 @@ def worker(job: dict) -> dict:
                 module.__class__ = PeftLoraLinear
     if not flags["packed_attention"]:  # transformers' SDPA under the block-diagonal mask
         adapters.packed_layout = lambda position_ids: {}
+    if not flags["fused_layers"]:  # transformers' RMSNorm and SwiGLU modules
+        for module in model.modules():
+            if is_fused(module):
+                module.__class__ = type(module).__mro__[1]
+    if not flags["fused_cross_entropy"]:  # autograd's cross-entropy on each chunk's logits
+        loss_module.fuses_head = lambda head: False
     if flags["compile"]:
         model.get_base_model().model = torch.compile(model.get_base_model().model, dynamic=True)
     optimizer = torch.optim.AdamW(trainable_parameters(model).values(), lr=2e-4)
