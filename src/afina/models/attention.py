@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from afina.models.loreft import example_slots
+from afina.training.precision import compute_dtype
 
 IMPLEMENTATION = "afina_packed"
 LAYOUT_KEYWORD = "afina_packed_layout"
@@ -79,8 +80,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         flat = states.transpose(1, 2).reshape(batch * length, h, dim)
         return flat[layout.gather].view(n, longest, h, dim).transpose(1, 2)
 
-    device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    dtype = compute_dtype(query)
     q, k, v = blocks(query.to(dtype)), blocks(key.to(dtype)), blocks(value.to(dtype))
     if uses_matmul_kernel(n, heads, longest):
         groups = heads // kv_heads  # query heads sharing a key/value head sit in one matmul

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
+from afina.training.precision import compute_dtype
+
 
 class FusedLoraLinear(PeftLoraLinear):
     """PEFT's LoRA linear layer with its forward pass as one autograd node."""
@@ -53,7 +55,7 @@ def fused_dtype(layer: FusedLoraLinear, x: torch.Tensor, args: tuple, kwargs: di
     if name not in layer.lora_A or name in layer.lora_variant or layer.base_layer.weight.requires_grad:
         return None
     if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+        return compute_dtype(x)
     same = {x.dtype, layer.base_layer.weight.dtype, layer.lora_A[name].weight.dtype}
     return x.dtype if len(same) == 1 else None  # PEFT mixes dtypes its own way; leave that to it
 

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from afina.data.packing import IGNORE, Batch
 from afina.models.adapters import body_and_head
 from afina.models.loreft import prompt_mask_from_targets
+from afina.training.precision import compute_dtype
 
 CHUNK_TOKENS = 256  # trained positions projected at once: 256 x 49k fp32 logits is 50 MB
 
@@ -76,9 +77,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int):
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        with torch.autocast(device, enabled=False):
+        dtype = compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None

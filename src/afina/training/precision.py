@@ -26,6 +26,12 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `tensor` run in: autocast's where it is on for the tensor's device, else its own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of autocast contexts for the resolved precision (a no-op context for fp32).
 
