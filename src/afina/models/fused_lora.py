@@ -95,7 +95,8 @@ class LoraLinearFunction(torch.autograd.Function):
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         up = x2
         if gate is not None:
-            x2 = F.silu(gate) * up
+            silu = F.silu(gate)
+            x2 = silu * up
         dy = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
         dxa = (dy @ b).mul_(ctx.scale)  # gradient at x A^T
         grad_b = (dy.t() @ xa).mul_(ctx.scale)
@@ -103,13 +104,13 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_a = dxa.t() @ dropped
         grad_x = grad_gate = None
         if ctx.needs_input_grad[0] or gate is not None:
-            through_adapter = dxa @ a
-            if keep is not None:
-                through_adapter = through_adapter * keep / (1 - ctx.p)
-            grad_x = (dy @ w).add_(through_adapter)
+            if keep is None:
+                grad_x = (dy @ w).addmm_(dxa, a)
+            else:
+                grad_x = (dy @ w).add_((dxa @ a).mul_(keep).div_(1 - ctx.p))
             if gate is not None:  # through the product SiLU(gate) * up
                 grad_gate = torch.ops.aten.silu_backward(grad_x * up, gate).to(x_dtype).view(ctx.shape)
-                grad_x = grad_x.mul_(F.silu(gate))
+                grad_x = grad_x.mul_(silu)
             grad_x = grad_x.to(x_dtype).view(ctx.shape)
         return grad_x, None, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None, None, None, None, grad_gate
 
