@@ -13,7 +13,8 @@ per optimizer step, fp32 weights:
 
 Each measurement runs in a fresh process so peak resident memory is its own. Tokens per second
 count non-padding tokens over `--steps` optimizer steps after `--warmup` untimed ones, median of
-`--repeats` runs. Then each system trains one epoch and its validation loss on assistant tokens is
+`--repeats` rounds in which every system runs once (TRL's variants are first run once each to pick
+trl_best); the report also gives afina's ratio within each round, free of the machine's drift. Then each system trains one epoch and its validation loss on assistant tokens is
 computed by the same afina function on the same held-out rows. Writes results.md, results.json and
 chart.png to --out.
 """
@@ -192,13 +193,22 @@ def measure(job: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def speed(job: dict, repeats: int) -> dict:
-    runs = [measure({**job, "mode": "speed"}) for _ in range(repeats)]
+def summarize(runs: list[dict]) -> dict:
+    """Medians of a system's speed runs (the first error when every run failed)."""
     good = [r for r in runs if "error" not in r]
     if not good:
         return runs[0]
     return {"tokens_per_second": statistics.median(r["tokens_per_second"] for r in good),
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good), "runs": runs}
+
+
+def paired_ratio(results: dict, name: str, other: str) -> float | None:
+    """Median over rounds of name's tokens/s over other's in the same round: this machine's speed drifts
+    between minutes, and runs measured minutes apart would carry that drift into the ratio."""
+    pairs = [(a["tokens_per_second"], b["tokens_per_second"])
+             for a, b in zip(results[name].get("runs", []), results[other].get("runs", []))
+             if "error" not in a and "error" not in b]
+    return statistics.median(a / b for a, b in pairs) if pairs else None
 
 
 def main() -> None:
@@ -221,32 +231,29 @@ def main() -> None:
     if args.quick:
         args.repeats, args.steps, args.epoch_fraction = 1, 2, 0.05
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": args.epoch_fraction}
-    results: dict[str, dict] = {}
-    results["afina"] = speed({**base, "system": "afina"}, args.repeats)
-    print("afina", results["afina"].get("tokens_per_second"), flush=True)
-    results["afina_wide"] = speed({**base, "system": "afina", "rows_per_batch": ROWS_PER_STEP}, args.repeats)
-    print("afina_wide", results["afina_wide"].get("tokens_per_second"), flush=True)
-    results["trl_default"] = speed({**base, "system": "trl", "variant": "defaults"}, args.repeats)
-    print("trl_default", results["trl_default"].get("tokens_per_second"), flush=True)
     variants = {}
-    for name in args.variants.split(","):
+    for name in ["defaults", *args.variants.split(",")]:  # one run each to pick TRL's fastest setting
         variants[name] = measure({**base, "system": "trl", "variant": name, "mode": "speed"})
         print("trl variant", name, variants[name].get("tokens_per_second", variants[name].get("error")), flush=True)
     ranked = sorted((v["tokens_per_second"], k) for k, v in variants.items() if "tokens_per_second" in v)
-    best = ranked[-1][1] if ranked and ranked[-1][0] > results["trl_default"].get("tokens_per_second", 0) else "defaults"
-    if best == "defaults":  # no variant beat the defaults: (c) is (b)
-        results["trl_best"] = {**results["trl_default"], "variant": best}
-    else:
-        results["trl_best"] = {**speed({**base, "system": "trl", "variant": best}, args.repeats), "variant": best}
+    best = ranked[-1][1] if ranked else "defaults"
+    systems = {"afina": {"system": "afina"}, "afina_wide": {"system": "afina", "rows_per_batch": ROWS_PER_STEP},
+               "trl_default": {"system": "trl", "variant": "defaults"}}
+    if best != "defaults":  # else (c) is (b)
+        systems["trl_best"] = {"system": "trl", "variant": best}
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    for round_ in range(args.repeats):  # rounds of every system, so drift hits each alike
+        for name, job in systems.items():
+            runs[name].append(measure({**base, **job, "mode": "speed"}))
+            print("round", round_, name, runs[name][-1].get("tokens_per_second", runs[name][-1].get("error")),
+                  flush=True)
+    results = {name: summarize(runs[name]) for name in systems}
     if not args.skip_epoch:
-        jobs = [("afina", {"system": "afina"}), ("trl_default", {"system": "trl", "variant": "defaults"})]
-        if best != "defaults":
-            jobs.append(("trl_best", {"system": "trl", "variant": best}))
-        for name, job in jobs:
-            results[name]["epoch"] = measure({**base, **job, "mode": "epoch"})
-            print(name, "epoch", results[name]["epoch"], flush=True)
-    if best == "defaults" and "epoch" in results["trl_default"]:
-        results["trl_best"]["epoch"] = results["trl_default"]["epoch"]
+        for name in ("afina", "trl_default", "trl_best"):
+            if name in systems:
+                results[name]["epoch"] = measure({**base, **systems[name], "mode": "epoch"})
+                print(name, "epoch", results[name]["epoch"], flush=True)
+    results["trl_best"] = {**results.get("trl_best", results["trl_default"]), "variant": best}
     write_report(results, variants, args, Path(args.out))
 
 
@@ -269,8 +276,10 @@ def write_report(results: dict, variants: dict, args, out: Path) -> None:
         lines.append(f"| {label} | {tps or 0:,.0f} | {rss or 0:,.0f} | {epoch.get('wall_seconds', 0):,.0f} | "
                      f"{epoch.get('validation_loss', float('nan')):.4f} | {ratio_t} | {ratio_m} |")
     wide = results.get("afina_wide", {})
+    paired = {other: paired_ratio(results, "afina", other) for other in ("trl_default", "trl_best")}
     lines += ["", f"afina tokens/s over the faster TRL setting: {afina['tokens_per_second'] / faster:.2f}x" if faster
-              else "", "", f"afina_wide (all {ROWS_PER_STEP} rows of a step in one micro-batch) over the faster TRL "
+              else "", "", "afina tokens/s over each TRL setting in the same round (median of rounds): "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items() if v), "", f"afina_wide (all {ROWS_PER_STEP} rows of a step in one micro-batch) over the faster TRL "
               f"setting: {wide['tokens_per_second'] / faster:.2f}x tokens/s, "
               f"{wide['peak_rss_mib'] / results['trl_default']['peak_rss_mib']:.2f}x trl_default's memory"
               if faster and wide.get("tokens_per_second") and results["trl_default"].get("peak_rss_mib") else "",

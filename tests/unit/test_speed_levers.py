@@ -242,4 +242,6 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
         assert results[name]["tokens_per_second"] > 0 and results[name]["peak_rss_mib"] > 0, results[name]
         assert results[name]["epoch"]["validation_loss"] > 0
     assert (tmp_path / "chart.png").stat().st_size > 0
-    assert "afina / system" in (tmp_path / "results.md").read_text()
+    report_md = (tmp_path / "results.md").read_text()
+    assert "afina / system" in report_md and "in the same round" in report_md
+    assert all(len(results[name]["runs"]) == 1 for name in ("afina", "afina_wide", "trl_default"))
