@@ -18,9 +18,10 @@ from afina.models.adapters import apply_method, body_and_head, trainable_paramet
 from afina.models.attention import IMPLEMENTATION
 from afina.models.loading import load_model
 from afina.pipeline.run import prepare_data
-from afina.training.estimate import (CACHED_SHAPES, FIT_HEADROOM, Machine, MicroBatch, ModelShape, activation_bytes,
-                                     attention_keeps_scores, check_before_launch, check_fits, estimate_run,
-                                     layer_activation_bytes, prepare_on_meta, variant)
+from afina.training.activations import (MicroBatch, ModelShape, activation_bytes, attention_keeps_scores,
+                                        layer_activation_bytes, prepare_on_meta)
+from afina.training.estimate import (CACHED_SHAPES, FIT_HEADROOM, Machine, check_before_launch, check_fits, estimate_run,
+                                     variant)
 from afina.training.loop import total_steps
 from tests.conftest import write_jsonl
 
