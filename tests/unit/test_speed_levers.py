@@ -171,14 +171,16 @@ def test_fused_lora_with_dropout_trains_and_is_deterministic_in_eval(tiny_model_
         assert sft_loss_sum(model, batch).item() == sft_loss_sum(model, batch).item()
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "sdpa"])
+@pytest.mark.parametrize("kernel", ["matmul", "matmul recomputing probabilities", "sdpa"])
 def test_packed_attention_matches_the_masked_path(lora_tiny, tiny_tokenizer, ticket_rows, monkeypatch, kernel):
     """Rows of several examples plus a padded row: each example attends only to itself, as under
-    transformers' block-diagonal mask (the plain path), in both of its kernels."""
+    transformers' block-diagonal mask (the plain path), in each of its kernels."""
     from afina.models import attention
 
     if kernel == "sdpa":
         monkeypatch.setattr(attention, "MATMUL_SCORES_BYTES", 0)
+    if kernel == "matmul recomputing probabilities":
+        monkeypatch.setattr(attention, "KEPT_PROBABILITIES_BYTES", 0)
     data = examples(tiny_tokenizer, ticket_rows[:9])
     rows = pack_examples(data, 160)
     batches = [collate_rows(rows[i : i + 2], tiny_tokenizer.pad_token_id) for i in range(0, len(rows), 2)]

@@ -11,8 +11,12 @@ Models load with attention implementation `afina_packed`. afina's loss functions
 of the rows they feed (`packed_layout`); every other call (generation, a cache, rows with an
 attention mask) goes through transformers' SDPA attention unchanged.
 
-Small blocks use plain matmul-softmax attention with a hand-written backward that recomputes
-the scores instead of keeping them; large ones use SDPA with `is_causal` (its memory-lean kernel).
+Small blocks use plain matmul-softmax attention with a hand-written backward; it keeps the
+probabilities (in the compute dtype, as the forward multiplies them into v) where a layer's take at
+most `KEPT_PROBABILITIES_BYTES`, and forms them again from q and k otherwise. Large blocks use SDPA
+with `is_causal` (its memory-lean kernel). Tokens move into blocks and back by row selection both
+ways (`ToBlocks`, `FromBlocks`): autograd's own backward of an index is a scatter-add, which on a CPU
+cost as much as the attention arithmetic of the default model's examples.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ from afina.training.precision import compute_dtype
 IMPLEMENTATION = "afina_packed"
 LAYOUT_KEYWORD = "afina_packed_layout"
 MATMUL_SCORES_BYTES = 64 * 2**20  # fp32 scores of one layer above this: SDPA's kernel instead
+KEPT_PROBABILITIES_BYTES = 8 * 2**20  # a layer's probabilities up to this are kept for backward, not recomputed
 
 
 @dataclass(frozen=True)
 class PackedLayout:
     """Where the examples of a packed batch lie in its flattened (rows x length) tokens."""
 
-    gather: torch.Tensor  # (examples * longest,) token index of each block slot (padding reads token 0)
+    gather: torch.Tensor  # (examples * longest,) token index of each block slot; padding slots read index
+    # `tokens`, one past the last token (a zero row)
     valid: torch.Tensor  # the slot of each token, in token order
     examples: int
     longest: int
@@ -49,7 +55,7 @@ class PackedLayout:
         rows, length = position_ids.shape
         example, offset, examples, longest = example_slots(position_ids, rows, length, position_ids.device)
         valid = (example * longest + offset).flatten()
-        gather = torch.zeros(examples * longest, dtype=torch.long, device=position_ids.device)
+        gather = torch.full((examples * longest,), rows * length, dtype=torch.long, device=position_ids.device)
         gather[valid] = torch.arange(rows * length, device=position_ids.device)
         return cls(gather, valid, examples, longest, rows * length)
 
@@ -70,26 +76,70 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             or (window is not None and layout.longest > window)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
     n, longest = layout.examples, layout.longest
     scale = dim**-0.5 if scaling is None else scaling
-
-    def blocks(states: torch.Tensor) -> torch.Tensor:  # (batch, h, length, dim) -> (examples, h, longest, dim)
-        h = states.shape[1]
-        flat = states.transpose(1, 2).reshape(batch * length, h, dim)
-        return flat[layout.gather].view(n, longest, h, dim).transpose(1, 2)
-
     dtype = compute_dtype(query)
-    q, k, v = blocks(query.to(dtype)), blocks(key.to(dtype)), blocks(value.to(dtype))
+    q, k, v = (ToBlocks.apply(states.to(dtype), layout) for states in (query, key, value))
     if uses_matmul_kernel(n, heads, longest):
         groups = heads // kv_heads  # query heads sharing a key/value head sit in one matmul
-        out = CausalAttention.apply(q.reshape(n, kv_heads, groups * longest, dim), k, v, scale, longest)
+        keep = keeps_probabilities(n, heads, longest, torch.finfo(dtype).bits // 8)
+        out = CausalAttention.apply(q.reshape(n, kv_heads, groups * longest, dim), k, v, scale, longest, keep)
         out = out.view(n, heads, longest, dim)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
-    out = out.transpose(1, 2).reshape(n * longest, heads, dim)[layout.valid]
-    return out.view(batch, length, heads, dim), None
+    return FromBlocks.apply(out, layout, query.shape[0]), None
+
+
+def uses_matmul_kernel(examples: int, heads: int, longest: int) -> bool:
+    """Whether blocks this size run the matmul kernel (fp32 scores of one layer within the bound)."""
+    return examples * heads * longest * longest * 4 <= MATMUL_SCORES_BYTES
+
+
+def keeps_probabilities(examples: int, heads: int, longest: int, dtype_bytes: int) -> bool:
+    """Whether the matmul kernel keeps a layer's probabilities for backward rather than recomputing them."""
+    return examples * heads * longest * longest * dtype_bytes <= KEPT_PROBABILITIES_BYTES
+
+
+class ToBlocks(torch.autograd.Function):
+    """(batch, heads, length, dim) tokens -> (examples, heads, longest, dim) blocks, padding slots zero."""
+
+    @staticmethod
+    def forward(ctx, states, layout: PackedLayout):
+        batch, heads, length, dim = states.shape
+        flat = states.new_empty(batch * length + 1, heads, dim)
+        flat[:-1].view(batch, length, heads, dim).copy_(states.transpose(1, 2))
+        flat[-1].zero_()
+        ctx.layout, ctx.shape = layout, states.shape
+        return flat.index_select(0, layout.gather).view(layout.examples, layout.longest, heads, dim).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        batch, heads, length, dim = ctx.shape
+        layout = ctx.layout
+        tokens = grad.transpose(1, 2).reshape(layout.examples * layout.longest, heads, dim).index_select(0, layout.valid)
+        return tokens.view(batch, length, heads, dim).transpose(1, 2), None
+
+
+class FromBlocks(torch.autograd.Function):
+    """(examples, heads, longest, dim) blocks -> (batch, length, heads, dim) tokens (transformers' output layout)."""
+
+    @staticmethod
+    def forward(ctx, blocks, layout: PackedLayout, batch: int):
+        examples, heads, longest, dim = blocks.shape
+        ctx.layout = layout
+        tokens = blocks.transpose(1, 2).reshape(examples * longest, heads, dim).index_select(0, layout.valid)
+        return tokens.view(batch, layout.tokens // batch, heads, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layout = ctx.layout
+        heads, dim = grad.shape[2], grad.shape[3]
+        flat = grad.new_empty(layout.tokens + 1, heads, dim)
+        flat[:-1].copy_(grad.reshape(layout.tokens, heads, dim))
+        flat[-1].zero_()  # padding slots get no gradient: their outputs were dropped
+        blocks = flat.index_select(0, layout.gather).view(layout.examples, layout.longest, heads, dim)
+        return blocks.transpose(1, 2), None, None
 
 
 def uses_matmul_kernel(examples: int, heads: int, longest: int) -> bool:
@@ -99,25 +149,29 @@ def uses_matmul_kernel(examples: int, heads: int, longest: int) -> bool:
 
 class CausalAttention(torch.autograd.Function):
     """softmax(q k^T * scale, causal) v over blocks; q holds `groups` query heads per key head, stacked
-    along its length. Keeps only q, k and v; the backward pass recomputes the probabilities."""
+    along its length. Keeps q, k, v and, with `keep`, the probabilities in v's dtype; without, the
+    backward pass recomputes them in fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, longest: int):
+    def forward(ctx, q, k, v, scale: float, longest: int, keep: bool):
         with torch.autocast(q.device.type, enabled=False):  # the fp32 scores stay fp32
-            out = _probabilities(q, k, scale, longest).to(v.dtype) @ v
-        ctx.save_for_backward(q, k, v)
+            probs = _probabilities(q, k, scale, longest).to(v.dtype)
+            out = probs @ v
+        ctx.save_for_backward(q, k, v, probs if keep else None)
         ctx.scale, ctx.longest = scale, longest
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
-        probs = _probabilities(q, k, ctx.scale, ctx.longest)
-        grad_v = probs.to(v.dtype).transpose(-1, -2) @ grad_out
+        q, k, v, probs = ctx.saved_tensors
+        exact = _probabilities(q, k, ctx.scale, ctx.longest) if probs is None else probs.float()
+        probs = exact.to(v.dtype) if probs is None else probs
+        grad_out = grad_out.contiguous()
+        grad_v = probs.transpose(-1, -2) @ grad_out
         grad_probs = (grad_out @ v.transpose(-1, -2)).float()
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
+        grad_scores = torch._softmax_backward_data(grad_probs, exact, -1, torch.float32)
         grad_scores = grad_scores.mul_(ctx.scale).to(q.dtype)
-        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None, None
 
 
 def _probabilities(q, k, scale: float, longest: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from afina.models.adapters import apply_method, decoder_layers, freezes_base, is_prompt_learning, unwrap
-from afina.models.attention import uses_matmul_kernel
+from afina.models.attention import keeps_probabilities, uses_matmul_kernel
 from afina.models.fused_layers import is_fused
 from afina.models.fused_lora import FusedLoraLinear
 from afina.training.loss import CHUNK_TOKENS, fuses_head
@@ -190,10 +190,17 @@ class MicroBatch:
     rows: int
     length: int
     trained_tokens: int
+    examples: int = 0  # packed examples in the micro-batch whose attention blocks are largest (0: one per row)
+    longest: int = 0  # that micro-batch's longest example (0: the row length)
 
     @property
     def tokens(self) -> int:
         return self.rows * self.length
+
+    @property
+    def attention_blocks(self) -> tuple[int, int]:
+        """(examples, longest example): the per-example attention blocks of afina's packed attention."""
+        return self.examples or self.rows, self.longest or self.length
 
 
 def attention_keeps_scores(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> bool:
@@ -220,9 +227,10 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
                    stream's dtype) and their inverse RMS (2 x 4) with afina's fused norm; else upcast to
                    fp32 (2 x hidden x 4) with the rsqrt, and the normalized outputs when the weights train
         attention  afina's packed attention: q, k and v gathered into per-example blocks
-                   ((heads + 2 kv_heads) x head_dim x c; block padding is not counted); with blocks
-                   too large for its matmul kernel SDPA keeps the output and the log-sum-exp (heads x 4)
-                   too. Prefix / prompt tuning run SDPA with a mask instead: q, k, v and the
+                   ((heads + 2 kv_heads) x head_dim x c; block padding is not counted), and once per
+                   layer the probabilities (examples x heads x longest^2 x c) where its matmul kernel
+                   keeps them; with blocks too large for that kernel SDPA keeps the output and the
+                   log-sum-exp (heads x 4) too. Prefix / prompt tuning run SDPA with a mask instead: q, k, v and the
                    output (4 x heads x head_dim x c, k and v repeated to every head), the log-sum-exp,
                    the mask cast to c per layer (L x c), with the math kernel the scores (heads x L x c)
         mlp        gate, SiLU(gate) and up outputs (3 x intermediate x c); gate and up only when the
@@ -243,10 +251,14 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
     gated = model.fused_mlp and down is not None and down.fused
     per_token = 2 * 4 + (2 if gated else 3) * shape.intermediate * c
     per_token += 2 * shape.hidden * (model.weight_dtype_bytes if model.fused_norms else 4)
+    per_layer = 0
     if model.packed_attention:
         per_token += (shape.heads + 2 * shape.kv_heads) * shape.head_dim * c
-        output_kept = not uses_matmul_kernel(batch.rows, shape.heads, batch.length)  # else SDPA keeps it
+        examples, longest = batch.attention_blocks
+        output_kept = not uses_matmul_kernel(examples, shape.heads, longest)  # else SDPA keeps it
         per_token += (heads_dim * c + shape.heads * 4) if output_kept else 0
+        if not output_kept and keeps_probabilities(examples, shape.heads, longest, c):
+            per_layer += examples * shape.heads * longest * longest * c
     else:
         output_kept = True
         per_token += 4 * heads_dim * c + shape.heads * 4 + batch.length * c * (1 + (shape.heads if keeps_scores else 0))
@@ -255,7 +267,7 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
     not_counted = {"attention_output"} if output_kept else set()
     not_counted |= {"mlp_output"} if gated else set()
     per_token += linear_input_bytes(model.linears, c, bf16, not_counted) + model.attached * c
-    return per_token * batch.tokens + (weight_copy_bytes(model.linears) if bf16 else 0)
+    return per_token * batch.tokens + per_layer + (weight_copy_bytes(model.linears) if bf16 else 0)
 
 
 def linear_input_bytes(linears: tuple[Linear, ...], c: int, bf16: bool, not_counted: set[str]) -> int:

@@ -95,16 +95,19 @@ def shape_cache_bytes(model: PreparedModel, shapes: int) -> int:
 
 def largest_micro_batch(examples: list[Example], training: TrainingConfig) -> MicroBatch:
     """The largest micro-batch the run will see: rows_per_batch rows (fewer if the data has fewer) of
-    the longest packed row, with the most trained positions any micro-batch of the first epoch has."""
+    the longest packed row, with the most trained positions any micro-batch of the first epoch has and
+    the examples and longest example of the one whose attention blocks are largest."""
     rows = pack_examples(examples, training.row_length)
     longest = max((sum(len(e.input_ids) for e in row) for row in rows), default=1)
     count = min(training.rows_per_batch, len(rows)) or 1
-    most_trained = 0
+    most_trained, blocks = 0, (0, 0)
     for step in epoch_steps(examples, training.row_length, rows_per_step(training), training.seed, 0):
         for start in range(0, len(step), training.rows_per_batch):
             micro = step[start : start + training.rows_per_batch]
             most_trained = max(most_trained, sum(max(0, e.trained_count - e.trained[0]) for row in micro for e in row))
-    return MicroBatch(count, longest, most_trained)
+            micro_blocks = (sum(len(row) for row in micro), max(len(e.input_ids) for row in micro for e in row))
+            blocks = max(blocks, micro_blocks, key=lambda b: b[0] * b[1] ** 2)
+    return MicroBatch(count, longest, most_trained, *blocks)
 
 
 # --- memory ---------------------------------------------------------------------------------------
