@@ -192,3 +192,22 @@ def test_continued_pretraining_trains_every_token_of_raw_text(tiny_model_dir, tm
         run_training(validate_config({"model": str(tiny_model_dir), "data": {"path": str(chat)}, "objective": "cpt"}),
                      QUIET)
     assert error.value.code == "wrong_data_for_objective"
+
+
+def test_the_optimizer_is_fused_adamw_and_updates_like_plain_adamw():
+    from afina.models.adapters import make_optimizer
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fused = make_optimizer(weights, 1e-2, 0.01)
+    plain = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.01, foreach=False)
+    assert fused.defaults["fused"]
+    for _ in range(3):
+        for group in (weights, copies):
+            for w in group:
+                w.grad = torch.ones_like(w) * w.detach().sum()
+        fused.step()
+        plain.step()
+    for w, c in zip(weights, copies):
+        assert torch.allclose(w, c, atol=1e-6)

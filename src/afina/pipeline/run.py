@@ -219,7 +219,8 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     if config.objective.name == "reward":
         attach_reward_head(model, config.training.seed)
     result = train(model, data.examples["train"], data.examples["validation"], config.training, run_dir,
-                   data.tokenizer.pad_token_id, console, objective=objective_for(config))
+                   data.tokenizer.pad_token_id, console, objective=objective_for(config),
+                   paged_optimizer=getattr(config.method, "paged_optimizer", False))
     if result.status == "interrupted":
         console.print(f"interrupted at step {result.steps}; checkpoint saved. Resume with: afina train --resume {run_dir}")
         return run_dir, result

@@ -78,7 +78,6 @@ class PreparedModel:
     weight_bytes: int
     trainable: int
     trainable_bytes: int
-    largest_trainable_bytes: int
     layers_on_path: int  # decoder layers that backward goes through (and so keep activations)
     linears: tuple[Linear, ...]  # those of the last decoder layer
     attached: int  # elements per token and layer that afina's bottleneck adapters keep
@@ -122,7 +121,6 @@ def prepare_on_meta(hf_config, method, dtype: torch.dtype) -> PreparedModel:
         weight_bytes=sum(p.numel() * p.element_size() for p in parameters.values()),
         trainable=sum(p.numel() for p in trainable),
         trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
-        largest_trainable_bytes=max((p.numel() * p.element_size() for p in trainable), default=0),
         layers_on_path=len(layers) - first,
         linears=tuple(describe_linears(last)),
         attached=attached_elements(model) // max(1, len(layers) - first),

@@ -230,8 +230,8 @@ def plan_memory(config: RunConfig, examples: list[Example], machine: Machine, hf
     cpu = machine.device.type == "cpu"
     paged = getattr(config.method, "paged_optimizer", False)  # bitsandbytes' 8-bit moments
     optimizer = 2 * model.trainable if paged else 2 * model.trainable_bytes
-    # single-tensor AdamW on CPU makes two temporaries of one parameter; foreach AdamW on CUDA one of all
-    step = 2 * model.largest_trainable_bytes if cpu else model.trainable_bytes
+    # fused AdamW updates in place; bitsandbytes' paged AdamW is counted as a foreach update (a temporary of all)
+    step = model.trainable_bytes if paged else 0
     loading = machine.runtime + model.weight_bytes + (mapped_while_loading(config.model, dtype) if cpu else 0)
     share = CPU_ALLOCATOR_SHARE if cpu else CUDA_ALLOCATOR_SHARE
     caches = shape_cache_bytes(model, micro_batch_shapes(examples, config.training)) if cpu and bf16 else 0
@@ -467,7 +467,7 @@ def calibrate_seconds_per_token(config: RunConfig, examples: list[Example], pad_
     with tempfile.TemporaryDirectory(prefix="afina-estimate-") as run_dir:
         try:
             train(model, examples, [], training, Path(run_dir), pad_id, Console(quiet=True), after_step,
-                  objective_for(config))
+                  objective_for(config), getattr(config.method, "paged_optimizer", False))
         except _CalibrationDone:
             pass
     del model

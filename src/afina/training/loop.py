@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from afina.config.schema import TrainingConfig
-from afina.models.adapters import trainable_parameters
+from afina.models.adapters import make_optimizer, trainable_parameters
 from afina.errors import AfinaError
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
 from afina.training.loss import sft_loss_sum  # noqa: F401  (the sft objective calls it through this module)
@@ -130,11 +130,13 @@ class StopRequest:
 
 def train(model, train_examples: list, validation_examples: list, config: TrainingConfig,
           run_dir: Path, pad_id: int, console: Console | None = None,
-          after_step: Callable[[int], None] | None = None, objective=None) -> TrainResult:
+          after_step: Callable[[int], None] | None = None, objective=None,
+          paged_optimizer: bool = False) -> TrainResult:
     """Train `model` in place; resumes from the run's newest intact checkpoint if there is one.
 
     `objective` (from `afina.training.steps.objective_for`; SFT by default) says what the examples
-    are, how a step's micro-batches are collated and what is minimized.
+    are, how a step's micro-batches are collated and what is minimized. `paged_optimizer` (qlora's
+    option) trains with bitsandbytes' paged 8-bit AdamW.
 
     Ends with a status: completed, interrupted (signal), early_stopped (validation loss stopped
     improving; the model then holds the best checkpoint's weights), time_limit, cost_limit or
@@ -148,7 +150,7 @@ def train(model, train_examples: list, validation_examples: list, config: Traini
     autocast = autocast_for(resolve_precision(config.precision, accelerator.device), accelerator.device)
     hourly = price_per_hour(config.machine, config.price_per_hour)
     trainable = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(trainable.values(), config.learning_rate, config.weight_decay, paged_optimizer)
     steps = total_steps(train_examples, config, objective)
     scheduler = make_scheduler(optimizer, steps, int(config.warmup_ratio * steps), config.schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
