@@ -164,14 +164,21 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, probs = ctx.saved_tensors
-        exact = _probabilities(q, k, ctx.scale, ctx.longest) if probs is None else probs.float()
-        probs = exact.to(v.dtype) if probs is None else probs
+        if probs is None:
+            exact = _probabilities(q, k, ctx.scale, ctx.longest)
+            probs = exact.to(v.dtype)
+        else:  # kept in v's dtype: softmax's backward runs in it (accumulating in fp32), no fp32 copies
+            exact = probs
         grad_out = grad_out.contiguous()
         grad_v = probs.transpose(-1, -2) @ grad_out
-        grad_probs = (grad_out @ v.transpose(-1, -2)).float()
-        grad_scores = torch._softmax_backward_data(grad_probs, exact, -1, torch.float32)
-        grad_scores = grad_scores.mul_(ctx.scale).to(q.dtype)
-        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None, None
+        grad_probs = (grad_out @ v.transpose(-1, -2)).to(exact.dtype)
+        grad_scores = torch._softmax_backward_data(grad_probs, exact, -1, exact.dtype).to(q.dtype)
+        n, h, stacked, longest = grad_scores.shape
+        flat = grad_scores.view(n * h, stacked, longest)
+        grad_q = torch.baddbmm(flat.new_empty(()), flat, k.reshape(n * h, longest, -1), beta=0, alpha=ctx.scale)
+        grad_k = torch.baddbmm(flat.new_empty(()), flat.transpose(1, 2), q.reshape(n * h, stacked, -1), beta=0,
+                               alpha=ctx.scale)
+        return grad_q.view(q.shape), grad_k.view(k.shape), grad_v, None, None, None
 
 
 def _probabilities(q, k, scale: float, longest: int) -> torch.Tensor:
