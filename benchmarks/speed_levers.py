@@ -21,6 +21,9 @@ tokens over `--steps` optimizer steps after one untimed warm-up step, median of 
   +fused_layers    RMSNorm and the SwiGLU block as one autograd node each (afina.models.fused_layers)
   +fused_cross_entropy  each chunk's head and cross-entropy gradients computed in forward, no logits
                    kept or recomputed (afina.training.loss.LinearCrossEntropy)
+  +kept_probabilities  packed attention keeps each layer's probabilities for backward instead of
+                   recomputing them from q and k (up to 8 MiB a layer)
+  +fused_adamw     PyTorch's fused AdamW (one kernel for all parameters) instead of its per-parameter loop
   +compile         torch.compile of the decoder (measured; afina leaves it off if it does not pay)
   threads=1        afina's default on one thread instead of all cores
 """
@@ -38,14 +41,16 @@ import time
 from pathlib import Path
 
 LEVERS = ["plain", "+packing", "+trained_logits", "+bf16_autocast", "+bf16_weights", "+short_rows", "+fused_lora",
-          "+packed_attention", "+fused_layers", "+fused_cross_entropy", "+compile"]
+          "+packed_attention", "+fused_layers", "+fused_cross_entropy", "+kept_probabilities", "+fused_adamw",
+          "+compile"]
+DEFAULT = "+fused_adamw"  # the last lever afina keeps on
 EXAMPLES_PER_STEP = 8
 
 
 def settings(name: str) -> dict:
     """The flags of a cumulative setting; `threads=1` is afina's default on one thread."""
     if name == "threads=1":
-        return {**settings("+fused_cross_entropy"), "threads": 1}
+        return {**settings(DEFAULT), "threads": 1}
     on = LEVERS[: LEVERS.index(name) + 1]
     return {lever.strip("+"): lever in on for lever in LEVERS[1:]}
 
@@ -56,8 +61,8 @@ def worker(job: dict) -> dict:
 
     from afina.config.methods import LoraMethod
     from afina.data.packing import collate_rows, pack_examples
-    from afina.models import adapters
-    from afina.models.adapters import apply_method, trainable_parameters
+    from afina.models import adapters, attention
+    from afina.models.adapters import apply_method, make_optimizer, trainable_parameters
     from afina.models.fused_layers import is_fused
     from afina.models.fused_lora import FusedLoraLinear
     from afina.models.loading import load_model
@@ -86,9 +91,13 @@ def worker(job: dict) -> dict:
                 module.__class__ = type(module).__mro__[1]
     if not flags["fused_cross_entropy"]:  # autograd's cross-entropy on each chunk's logits
         loss_module.fuses_head = lambda head: False
+    if not flags["kept_probabilities"]:  # recomputed from q and k in backward
+        attention.KEPT_PROBABILITIES_BYTES = 0
     if flags["compile"]:
         model.get_base_model().model = torch.compile(model.get_base_model().model, dynamic=True)
-    optimizer = torch.optim.AdamW(trainable_parameters(model).values(), lr=2e-4)
+    parameters = trainable_parameters(model).values()
+    optimizer = make_optimizer(parameters, 2e-4, 0.0) if flags["fused_adamw"] else \
+        torch.optim.AdamW(parameters, lr=2e-4, foreach=False)
     loss_sum = sft_loss_sum if flags["trained_logits"] else plain_loss_sum
     pad = tokenizer.pad_token_id
     groups = [examples[i : i + EXAMPLES_PER_STEP] for i in range(0, len(examples), EXAMPLES_PER_STEP)]
