@@ -6,7 +6,9 @@
 LoRA r=16 on every linear layer, 8 examples per optimizer step, the same examples in the same
 order for every setting. Settings are cumulative, from the plain path most trainers take to
 afina's default; each runs in a fresh process (its own peak RSS), tokens/s counts non-padding
-tokens over `--steps` optimizer steps after one untimed warm-up step, median of `--repeats`.
+tokens over `--steps` optimizer steps after one untimed warm-up step, median of `--repeats` rounds
+in which every setting runs once; "vs previous, same round" is the median of the per-round ratios,
+free of the machine's drift between minutes.
 
   plain            padded batches of 8, logits at every position, fp32
   +packing         the 8 examples packed in one row, positions restart per example
@@ -138,6 +140,13 @@ def measure(job: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def paired_ratio(runs: list[dict], before: list[dict]) -> float:
+    """Median over rounds of a setting's tokens/s over the previous setting's in the same round."""
+    pairs = [a["tokens_per_second"] / b["tokens_per_second"] for a, b in zip(runs, before)
+             if "error" not in a and "error" not in b]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -153,30 +162,34 @@ def main() -> None:
     names = args.only.split(",") if args.only else LEVERS + ["threads=1"]
     lines = [f"# Speed levers ({args.model} model, LoRA r=16, {EXAMPLES_PER_STEP} examples per step, "
              f"median of {args.repeats} runs of {args.steps} steps)", "",
-             "| setting | tokens/s | vs plain | vs previous | peak RSS (MiB) | first step (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| setting | tokens/s | vs plain | vs previous | vs previous, same round | peak RSS (MiB) | first step (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     print("\n".join(lines), flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.repeats):  # rounds of every setting, so the machine's drift hits each alike
+        for name in names:
+            runs[name].append(measure({"model": args.model, "steps": args.steps, "flags": settings(name)}))
+            print("round", round_, name, runs[name][-1].get("tokens_per_second", runs[name][-1].get("error")),
+                  flush=True)
     results: dict[str, dict] = {}
     previous = None
     for name in names:
-        runs = [measure({"model": args.model, "steps": args.steps, "flags": settings(name)})
-                for _ in range(args.repeats)]
-        good = [r for r in runs if "error" not in r]
+        good = [r for r in runs[name] if "error" not in r]
         if not good:
-            results[name] = runs[0]
-            lines.append(f"| {name} | failed: {runs[0]['error'][:80]} | | | | |")
-            print(lines[-1], flush=True)
+            results[name] = runs[name][0]
+            lines.append(f"| {name} | failed: {runs[name][0]['error'][:80]} | | | | | |")
             continue
         result = {key: statistics.median(r[key] for r in good) for key in good[0]}
         results[name] = result
         plain = results.get("plain", result)["tokens_per_second"]
         before = previous["tokens_per_second"] if previous else result["tokens_per_second"]
+        paired = paired_ratio(runs[name], runs[previous_name]) if previous else 1.0
         lines.append(f"| {name} | {result['tokens_per_second']:,.0f} | {result['tokens_per_second'] / plain:.2f}x | "
-                     f"{result['tokens_per_second'] / before:.2f}x | {result['peak_rss_mib']:,.0f} | "
+                     f"{result['tokens_per_second'] / before:.2f}x | {paired:.2f}x | {result['peak_rss_mib']:,.0f} | "
                      f"{result['first_step_seconds']:.1f} |")
-        print(lines[-1], flush=True)
         if name != "threads=1":
-            previous = result
+            previous, previous_name = result, name
+    print("\n".join(lines[4:]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text("\n".join(lines) + "\n")
