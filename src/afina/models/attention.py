@@ -142,11 +142,6 @@ class FromBlocks(torch.autograd.Function):
         return blocks.transpose(1, 2), None, None
 
 
-def uses_matmul_kernel(examples: int, heads: int, longest: int) -> bool:
-    """Whether blocks this size run the matmul kernel (fp32 scores of one layer within the bound)."""
-    return examples * heads * longest * longest * 4 <= MATMUL_SCORES_BYTES
-
-
 class CausalAttention(torch.autograd.Function):
     """softmax(q k^T * scale, causal) v over blocks; q holds `groups` query heads per key head, stacked
     along its length. Keeps q, k, v and, with `keep`, the probabilities in v's dtype; without, the
