@@ -106,19 +106,13 @@ class ToBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, states, layout: PackedLayout):
-        batch, heads, length, dim = states.shape
-        flat = states.new_empty(batch * length + 1, heads, dim)
-        flat[:-1].view(batch, length, heads, dim).copy_(states.transpose(1, 2))
-        flat[-1].zero_()
         ctx.layout, ctx.shape = layout, states.shape
-        return flat.index_select(0, layout.gather).view(layout.examples, layout.longest, heads, dim).transpose(1, 2)
+        return _blocks(states.transpose(1, 2), layout)
 
     @staticmethod
     def backward(ctx, grad):
         batch, heads, length, dim = ctx.shape
-        layout = ctx.layout
-        tokens = grad.transpose(1, 2).reshape(layout.examples * layout.longest, heads, dim).index_select(0, layout.valid)
-        return tokens.view(batch, length, heads, dim).transpose(1, 2), None
+        return _tokens(grad, ctx.layout).view(batch, length, heads, dim).transpose(1, 2), None
 
 
 class FromBlocks(torch.autograd.Function):
@@ -126,20 +120,28 @@ class FromBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, blocks, layout: PackedLayout, batch: int):
-        examples, heads, longest, dim = blocks.shape
         ctx.layout = layout
-        tokens = blocks.transpose(1, 2).reshape(examples * longest, heads, dim).index_select(0, layout.valid)
-        return tokens.view(batch, layout.tokens // batch, heads, dim)
+        return _tokens(blocks, layout).view(batch, layout.tokens // batch, blocks.shape[1], blocks.shape[3])
 
     @staticmethod
-    def backward(ctx, grad):
-        layout = ctx.layout
-        heads, dim = grad.shape[2], grad.shape[3]
-        flat = grad.new_empty(layout.tokens + 1, heads, dim)
-        flat[:-1].copy_(grad.reshape(layout.tokens, heads, dim))
-        flat[-1].zero_()  # padding slots get no gradient: their outputs were dropped
-        blocks = flat.index_select(0, layout.gather).view(layout.examples, layout.longest, heads, dim)
-        return blocks.transpose(1, 2), None, None
+    def backward(ctx, grad):  # padding slots get no gradient: their outputs were dropped
+        return _blocks(grad, ctx.layout), None, None
+
+
+def _blocks(tokens: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """(batch, length, heads, dim) tokens, any strides -> (examples, heads, longest, dim) blocks, padding
+    slots zero: the tokens are copied once behind a zero row, then the block slots select their rows."""
+    heads, dim = tokens.shape[2], tokens.shape[3]
+    flat = tokens.new_empty(layout.tokens + 1, heads, dim)
+    flat[:-1].view(tokens.shape).copy_(tokens)
+    flat[-1].zero_()
+    return flat.index_select(0, layout.gather).view(layout.examples, layout.longest, heads, dim).transpose(1, 2)
+
+
+def _tokens(blocks: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """(examples, heads, longest, dim) blocks -> (tokens, heads, dim): each token's row, in token order."""
+    examples, heads, longest, dim = blocks.shape
+    return blocks.transpose(1, 2).reshape(examples * longest, heads, dim).index_select(0, layout.valid)
 
 
 class CausalAttention(torch.autograd.Function):
