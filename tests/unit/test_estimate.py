@@ -96,8 +96,8 @@ def test_layer_formula_equals_what_autograd_saves(name, method, dtype, bf16):
     config = hf_config(2)
     shape = ModelShape.from_config(config)
     scores = attention_keeps_scores(CPU, torch.bfloat16 if bf16 else dtype, shape.heads, shape.head_dim)
-    predicted = layer_activation_bytes(shape, prepare_on_meta(config, method, dtype), MicroBatch(rows, length, 8, 2 * rows, length // 2),
-                                       bf16, scores)
+    batch = MicroBatch(rows, length, 8, examples=2 * rows, longest=length // 2)
+    predicted = layer_activation_bytes(shape, prepare_on_meta(config, method, dtype), batch, bf16, scores)
     assert predicted == measured
 
 

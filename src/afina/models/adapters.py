@@ -79,6 +79,11 @@ def freezes_base(method: AnyMethod) -> bool:
     return method.name not in TRAINS_BASE
 
 
+def uses_paged_optimizer(method: AnyMethod) -> bool:
+    """Whether the method asks for bitsandbytes' paged 8-bit AdamW (qlora's `paged_optimizer`)."""
+    return getattr(method, "paged_optimizer", False)
+
+
 def make_optimizer(parameters, learning_rate: float, weight_decay: float, paged: bool = False) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' paged 8-bit AdamW where qlora asks for it (`paged_optimizer`).
 

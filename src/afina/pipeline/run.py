@@ -33,7 +33,8 @@ from afina.data.validate import DataReport, load_records
 from afina.errors import AfinaError
 from afina.eval.compare import comparison_table, evaluate_model
 from afina.eval.preference import evaluate_preferences
-from afina.models.adapters import apply_method, base_model, check_method_supported, freezes_base
+from afina.models.adapters import (apply_method, base_model, check_method_supported, freezes_base,
+                                   uses_paged_optimizer)
 from afina.models.artifacts import load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.paths import runs_dir
@@ -220,7 +221,7 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
         attach_reward_head(model, config.training.seed)
     result = train(model, data.examples["train"], data.examples["validation"], config.training, run_dir,
                    data.tokenizer.pad_token_id, console, objective=objective_for(config),
-                   paged_optimizer=getattr(config.method, "paged_optimizer", False))
+                   paged_optimizer=uses_paged_optimizer(config.method))
     if result.status == "interrupted":
         console.print(f"interrupted at step {result.steps}; checkpoint saved. Resume with: afina train --resume {run_dir}")
         return run_dir, result

@@ -44,7 +44,7 @@ from afina.config.schema import RunConfig, TrainingConfig
 from afina.data.packing import epoch_steps, pack_examples
 from afina.data.tokenize import Example
 from afina.errors import AfinaError
-from afina.models.adapters import apply_method, freezes_base
+from afina.models.adapters import apply_method, freezes_base, uses_paged_optimizer
 from afina.models.loading import load_model, model_config, resolve_model_dir
 from afina.training.activations import (MicroBatch, ModelShape, PreparedModel, activation_bytes,
                                         attention_keeps_scores, prepare_on_meta, weights_dtype)
@@ -228,7 +228,7 @@ def plan_memory(config: RunConfig, examples: list[Example], machine: Machine, hf
     scores = attention_keeps_scores(machine.device, torch.bfloat16 if bf16 else dtype, shape.heads, shape.head_dim)
     activations = activation_bytes(shape, model, batch, bf16, checkpointing, scores)
     cpu = machine.device.type == "cpu"
-    paged = getattr(config.method, "paged_optimizer", False)  # bitsandbytes' 8-bit moments
+    paged = uses_paged_optimizer(config.method)  # bitsandbytes' 8-bit moments
     optimizer = 2 * model.trainable if paged else 2 * model.trainable_bytes
     # fused AdamW updates in place; bitsandbytes' paged AdamW is counted as a foreach update (a temporary of all)
     step = model.trainable_bytes if paged else 0
@@ -467,7 +467,7 @@ def calibrate_seconds_per_token(config: RunConfig, examples: list[Example], pad_
     with tempfile.TemporaryDirectory(prefix="afina-estimate-") as run_dir:
         try:
             train(model, examples, [], training, Path(run_dir), pad_id, Console(quiet=True), after_step,
-                  objective_for(config), getattr(config.method, "paged_optimizer", False))
+                  objective_for(config), uses_paged_optimizer(config.method))
         except _CalibrationDone:
             pass
     del model
