@@ -159,6 +159,20 @@ def test_fused_norms_and_mlp_match_transformers_modules(tiny_model_dir, tiny_tok
     assert_same(loss_and_grads(model, batches, sft_loss_sum), fast)
 
 
+def test_dropout_keep_mask_has_the_rate_it_reports_and_follows_the_seed():
+    from afina.models.fused_lora import keep_mask
+
+    torch.manual_seed(0)
+    keep, rate = keep_mask(torch.Size((400, 1001)), 0.05, torch.device("cpu"))
+    assert keep.shape == (400, 1001) and keep.dtype == torch.bool
+    assert abs(rate - 0.05) < 1 / 65536
+    lanes = keep.flatten()[: 400 * 1000].view(-1, 4).float().mean(0)  # each 16 bits of a 64-bit draw
+    assert torch.all((lanes - (1 - rate)).abs() < 0.003), lanes
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.Size((400, 1001)), 0.05, torch.device("cpu"))[0], keep)
+    assert not torch.equal(keep_mask(torch.Size((400, 1001)), 0.05, torch.device("cpu"))[0], keep)
+
+
 def test_fused_lora_with_dropout_trains_and_is_deterministic_in_eval(tiny_model_dir, tiny_tokenizer, ticket_rows):
     torch.manual_seed(0)
     model = apply_method(load_model(str(tiny_model_dir)), LoraMethod(r=4, alpha=8, dropout=0.3))
