@@ -11,13 +11,15 @@ per optimizer step, fp32 weights:
   trl_default  SFTTrainer with the settings a user would typically leave alone (its defaults)
   trl_best     the fastest SFTTrainer variant that runs here, chosen by measuring each variant
 
-Each measurement runs in a fresh process so peak resident memory is its own. Tokens per second
-count non-padding tokens over `--steps` optimizer steps after `--warmup` untimed ones, median of
-`--repeats` rounds in which every system and every TRL variant runs once (trl_best is the TRL setting
-with the fastest median); the report also gives afina's ratio within each round, free of the
-machine's drift. Then each system trains one epoch and its validation loss on assistant tokens is
-computed by the same afina function on the same held-out rows. Writes results.md, results.json and
-chart.png to --out.
+Each measurement runs in a fresh process so peak resident memory is its own. Speed runs go in
+lockstep pairs: afina and one other system (afina_wide, TRL's defaults, each TRL variant) load side
+by side, then take turns, one optimizer step at a time, so a machine whose speed drifts from minute
+to minute slows both alike. Tokens per second count non-padding tokens over `--steps` optimizer
+steps after `--warmup` untimed ones, timed from the start to the end of each of the system's own
+steps, median of `--repeats` rounds in which every pair runs once (trl_best is the TRL setting with
+the fastest median); afina's ratio to each system is the median of its ratios within a pair. Then
+each system trains one epoch alone and its validation loss on assistant tokens is computed by the
+same afina function on the same held-out rows. Writes results.md, results.json and chart.png to --out.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import select
 import statistics
 import subprocess
 import sys
@@ -81,6 +84,37 @@ def peak_rss_mib() -> float:
 
 # ---------------------------------------------------------------- workers (one process each)
 
+class Turns:
+    """A worker's optimizer steps, timed each from its start to its end; in a lockstep pair a step
+    starts only when the driver hands this worker its turn (a byte on the `go` FIFO) and its end is
+    reported on the `done` FIFO. Without FIFOs (epoch runs) steps simply follow each other."""
+
+    def __init__(self, fifos: dict | None):
+        self.go = open(fifos["go"], "rb", buffering=0) if fifos else None  # the driver holds both open already
+        self.done = open(fifos["done"], "wb", buffering=0) if fifos else None
+        self.seconds: list[float] = []
+        self.started = 0.0
+
+    def ready(self) -> None:
+        """Loaded: tell the driver, then wait for the first turn."""
+        if self.done:
+            self.done.write(b"r")
+        self.take()
+
+    def take(self) -> None:
+        if self.go:
+            self.go.read(1)
+        self.started = time.perf_counter()
+
+    def finish(self, more: bool) -> None:
+        """One step ended: record its time, hand the turn back, and wait for the next if there is one."""
+        self.seconds.append(time.perf_counter() - self.started)
+        if self.done:
+            self.done.write(b"s")
+        if more:
+            self.take()
+
+
 def run_afina(job: dict) -> dict:
     import torch
     from rich.console import Console
@@ -106,9 +140,12 @@ def run_afina(job: dict) -> dict:
                             gradient_accumulation=ROWS_PER_STEP // rows,
                             learning_rate=LEARNING_RATE, warmup_ratio=0.0, eval_every=10**9, save_every=10**9,
                             keep_checkpoints=1, schedule="linear")
+    turns = Turns(job.get("fifos"))
     with tempfile.TemporaryDirectory() as run_dir:
+        turns.ready()
         started = time.perf_counter()
-        train(model, examples, [], config, Path(run_dir), tokenizer.pad_token_id, Console(quiet=True))
+        train(model, examples, [], config, Path(run_dir), tokenizer.pad_token_id, Console(quiet=True),
+              after_step=lambda step: turns.finish(more=steps is None or step < steps))
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
@@ -116,9 +153,8 @@ def run_afina(job: dict) -> dict:
     if job["mode"] == "epoch":
         result["validation_loss"] = validation_loss(model, validation, tokenizer)
     else:
-        timed = rows[job["warmup"]:]
-        seconds = timed[-1]["elapsed"] - rows[job["warmup"] - 1]["elapsed"] if job["warmup"] else timed[-1]["elapsed"]
-        result["tokens_per_second"] = sum(r["tokens"] for r in timed) / seconds
+        warm = job["warmup"]
+        result["tokens_per_second"] = sum(r["tokens"] for r in rows[warm:]) / sum(turns.seconds[warm:])
     return result
 
 
@@ -149,11 +185,11 @@ def run_trl(job: dict) -> dict:
                      max_length=int(mean_length * EXAMPLES_PER_STEP) if packing else 1024,
                      save_strategy="no", report_to=[], logging_steps=1, seed=0, use_cpu=True,
                      dataloader_num_workers=0, **variant)
-    stamps: list[float] = []
+    turns = Turns(job.get("fifos"))
 
     class StepTimes(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            stamps.append(time.perf_counter())
+        def on_step_end(self, args, state, control, **__):
+            turns.finish(more=state.global_step < state.max_steps)
 
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -169,29 +205,78 @@ def run_trl(job: dict) -> dict:
         return batch
 
     trainer.data_collator = counting_collator
+    turns.ready()
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(stamps)}
+    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(turns.seconds)}
     if job["mode"] == "epoch":
         result["validation_loss"] = validation_loss(trainer.model, validation, tokenizer)
     else:
         warm = job["warmup"]
-        result["tokens_per_second"] = sum(counts[warm : warm + job["steps"]]) / (stamps[-1] - stamps[warm - 1])
+        result["tokens_per_second"] = sum(counts[warm : warm + job["steps"]]) / sum(turns.seconds[warm:])
     return result
 
 
 # ---------------------------------------------------------------- driver
 
+WORKER_ENV = {"PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+
+
 def measure(job: dict) -> dict:
     """Run one job in a fresh Python process; returns its JSON result (or the error it died with)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                          env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+                          env={**os.environ, **WORKER_ENV})
+    return worker_result(done.returncode, done.stdout, done.stderr)
+
+
+def worker_result(returncode: int, stdout: str, stderr: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if returncode != 0 or not lines:
+        return {"error": (stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(lines[-1])
+
+
+def measure_pair(first: dict, second: dict, steps: int) -> tuple[dict, dict]:
+    """Run two speed jobs side by side, each in its own process, taking turns one optimizer step at a
+    time once both have loaded (see `Turns`); returns their results."""
+    with tempfile.TemporaryDirectory() as fifo_dir:
+        workers = []
+        for index, job in enumerate((first, second)):
+            fifos = {name: str(Path(fifo_dir) / f"{name}{index}") for name in ("go", "done")}
+            for path in fifos.values():
+                os.mkfifo(path)
+            # read-write opens never block, so a worker that dies before opening its end cannot hang the driver
+            go, done = (os.open(fifos[name], os.O_RDWR) for name in ("go", "done"))
+            logs = [open(Path(fifo_dir) / f"{name}{index}", "w+") for name in ("stdout", "stderr")]  # no pipe to fill
+            process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps({**job, "fifos": fifos})],
+                                       stdout=logs[0], stderr=logs[1], text=True, env={**os.environ, **WORKER_ENV})
+            workers.append((process, go, done, logs))
+        alive = [receive(process, done) == b"r" for process, _, done, _ in workers]  # both loaded
+        for _ in range(steps):
+            for index, (process, go, done, _) in enumerate(workers):
+                if alive[index]:
+                    os.write(go, b"g")
+                    alive[index] = receive(process, done) == b"s"
+        results = []
+        for process, go, done, logs in workers:
+            process.wait()
+            os.close(go)
+            os.close(done)
+            stdout, stderr = (log.seek(0) or log.read() for log in logs)
+            for log in logs:
+                log.close()
+            results.append(worker_result(process.returncode, stdout, stderr))
+    return results[0], results[1]
+
+
+def receive(process: subprocess.Popen, fifo: int) -> bytes:
+    """The next byte a worker reports, or b"" once it has exited without one."""
+    while True:
+        if select.select([fifo], [], [], 1.0)[0]:
+            return os.read(fifo, 1)
+        if process.poll() is not None:
+            return b""
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -203,13 +288,12 @@ def summarize(runs: list[dict]) -> dict:
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good), "runs": runs}
 
 
-def paired_ratio(results: dict, name: str, other: str) -> float | None:
-    """Median over rounds of name's tokens/s over other's in the same round: this machine's speed drifts
-    between minutes, and runs measured minutes apart would carry that drift into the ratio."""
-    pairs = [(a["tokens_per_second"], b["tokens_per_second"])
-             for a, b in zip(results[name].get("runs", []), results[other].get("runs", []))
-             if "error" not in a and "error" not in b]
-    return statistics.median(a / b for a, b in pairs) if pairs else None
+def paired_ratio(results: dict, other: str) -> float | None:
+    """Median over rounds of afina's tokens/s over other's within their lockstep pair: this machine's
+    speed drifts between minutes, and runs measured minutes apart would carry that drift into the ratio."""
+    ratios = [run["afina_tokens_per_second"] / run["tokens_per_second"] for run in results[other].get("runs", [])
+              if "error" not in run and "afina_tokens_per_second" in run]
+    return statistics.median(ratios) if ratios else None
 
 
 def main() -> None:
@@ -236,11 +320,18 @@ def main() -> None:
                "trl_default": {"system": "trl", "variant": "defaults"}}
     systems |= {f"trl:{name}": {"system": "trl", "variant": name} for name in args.variants.split(",")}
     runs: dict[str, list[dict]] = {name: [] for name in systems}
-    for round_ in range(args.repeats):  # rounds of every system and TRL setting, so drift hits each alike
+    for round_ in range(args.repeats):  # rounds of every pair: afina in lockstep with each other system
         for name, job in systems.items():
-            runs[name].append(measure({**base, **job, "mode": "speed"}))
-            print("round", round_, name, runs[name][-1].get("tokens_per_second", runs[name][-1].get("error")),
-                  flush=True)
+            if name == "afina":
+                continue
+            mine, theirs = measure_pair({**base, **systems["afina"], "mode": "speed"}, {**base, **job, "mode": "speed"},
+                                        args.warmup + args.steps)
+            if "tokens_per_second" in mine:
+                theirs["afina_tokens_per_second"] = mine["tokens_per_second"]
+            runs["afina"].append(mine)
+            runs[name].append(theirs)
+            print("round", round_, "afina", mine.get("tokens_per_second", mine.get("error")), name,
+                  theirs.get("tokens_per_second", theirs.get("error")), flush=True)
     measured = {name: summarize(runs[name]) for name in systems}
     variants = {"defaults": measured["trl_default"]} | {k[4:]: v for k, v in measured.items() if k.startswith("trl:")}
     ranked = sorted((v["tokens_per_second"], k) for k, v in variants.items() if "tokens_per_second" in v)
@@ -265,7 +356,8 @@ def write_report(results: dict, variants: dict, args, out: Path) -> None:
     afina = results["afina"]
     faster = max(results["trl_default"].get("tokens_per_second", 0), results["trl_best"].get("tokens_per_second", 0))
     lines = [f"# Training speed: afina vs TRL SFTTrainer + PEFT ({args.model} model, bundled tickets)", "",
-             f"median of {args.repeats} runs of {args.steps} optimizer steps after {args.warmup} warm-up step(s)", "",
+             f"median of {args.repeats} runs of {args.steps} optimizer steps after {args.warmup} warm-up step(s), "
+             "each system in lockstep with afina (steps alternating)", "",
              "| system | tokens/s | peak RSS (MiB) | epoch wall (s) | validation loss | afina / system (tokens/s) "
              "| afina / system (memory) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, result in results.items():
@@ -277,9 +369,9 @@ def write_report(results: dict, variants: dict, args, out: Path) -> None:
         lines.append(f"| {label} | {tps or 0:,.0f} | {rss or 0:,.0f} | {epoch.get('wall_seconds', 0):,.0f} | "
                      f"{epoch.get('validation_loss', float('nan')):.4f} | {ratio_t} | {ratio_m} |")
     wide = results.get("afina_wide", {})
-    paired = {other: paired_ratio(results, "afina", other) for other in ("trl_default", "trl_best")}
+    paired = {other: paired_ratio(results, other) for other in ("afina_wide", "trl_default", "trl_best")}
     lines += ["", f"afina tokens/s over the faster TRL setting: {afina['tokens_per_second'] / faster:.2f}x" if faster
-              else "", "", "afina tokens/s over each TRL setting in the same round (median of rounds): "
+              else "", "", "afina tokens/s over each system run in lockstep with it (median of rounds): "
               + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items() if v), "", f"afina_wide (all {ROWS_PER_STEP} rows of a step in one micro-batch) over the faster TRL "
               f"setting: {wide['tokens_per_second'] / faster:.2f}x tokens/s, "
               f"{wide['peak_rss_mib'] / results['trl_default']['peak_rss_mib']:.2f}x trl_default's memory"

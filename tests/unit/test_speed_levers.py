@@ -245,6 +245,12 @@ def test_speed_levers_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert "| +short_rows |" in (tmp_path / "results.md").read_text()
 
 
+def test_dropout_masks_benchmark_runs_on_a_tiny_model(tiny_model_dir):
+    done = run_script(ROOT / "benchmarks" / "dropout_masks.py", "--model", tiny_model_dir, "--steps", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bernoulli_ masks:" in done.stdout and "afina / bernoulli_:" in done.stdout
+
+
 def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
     pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
     done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
@@ -259,5 +265,8 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
         assert results[name]["epoch"]["validation_loss"] > 0
     assert (tmp_path / "chart.png").stat().st_size > 0
     report_md = (tmp_path / "results.md").read_text()
-    assert "afina / system" in report_md and "in the same round" in report_md
-    assert all(len(results[name]["runs"]) == 1 for name in ("afina", "afina_wide", "trl_default"))
+    assert "afina / system" in report_md and "run in lockstep with it" in report_md
+    # afina runs once beside each other system (afina_wide, TRL's defaults, two variants), in alternating steps
+    assert len(results["afina"]["runs"]) == 4
+    assert all(len(results[name]["runs"]) == 1 for name in ("afina_wide", "trl_default"))
+    assert results["trl_default"]["runs"][0]["afina_tokens_per_second"] > 0
