@@ -288,12 +288,11 @@ def summarize(runs: list[dict]) -> dict:
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good), "runs": runs}
 
 
-def paired_ratio(results: dict, other: str) -> float | None:
-    """Median over rounds of afina's tokens/s over other's within their lockstep pair: this machine's
+def pair_ratios(results: dict, other: str) -> list[float]:
+    """afina's tokens/s over other's within each of their lockstep pairs, round by round: this machine's
     speed drifts between minutes, and runs measured minutes apart would carry that drift into the ratio."""
-    ratios = [run["afina_tokens_per_second"] / run["tokens_per_second"] for run in results[other].get("runs", [])
-              if "error" not in run and "afina_tokens_per_second" in run]
-    return statistics.median(ratios) if ratios else None
+    return [run["afina_tokens_per_second"] / run["tokens_per_second"] for run in results[other].get("runs", [])
+            if "error" not in run and "afina_tokens_per_second" in run]
 
 
 def main() -> None:
@@ -369,10 +368,11 @@ def write_report(results: dict, variants: dict, args, out: Path) -> None:
         lines.append(f"| {label} | {tps or 0:,.0f} | {rss or 0:,.0f} | {epoch.get('wall_seconds', 0):,.0f} | "
                      f"{epoch.get('validation_loss', float('nan')):.4f} | {ratio_t} | {ratio_m} |")
     wide = results.get("afina_wide", {})
-    paired = {other: paired_ratio(results, other) for other in ("afina_wide", "trl_default", "trl_best")}
+    paired = {other: pair_ratios(results, other) for other in ("afina_wide", "trl_default", "trl_best")}
     lines += ["", f"afina tokens/s over the faster TRL setting: {afina['tokens_per_second'] / faster:.2f}x" if faster
               else "", "", "afina tokens/s over each system run in lockstep with it (median of rounds): "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items() if v), "", f"afina_wide (all {ROWS_PER_STEP} rows of a step in one micro-batch) over the faster TRL "
+              + ", ".join(f"{k} {statistics.median(v):.2f}x (pairs: {', '.join(f'{r:.2f}' for r in v)})"
+                          for k, v in paired.items() if v), "", f"afina_wide (all {ROWS_PER_STEP} rows of a step in one micro-batch) over the faster TRL "
               f"setting: {wide['tokens_per_second'] / faster:.2f}x tokens/s, "
               f"{wide['peak_rss_mib'] / results['trl_default']['peak_rss_mib']:.2f}x trl_default's memory"
               if faster and wide.get("tokens_per_second") and results["trl_default"].get("peak_rss_mib") else "",
