@@ -64,7 +64,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p), p
     count = math.prod(shape)
     bits = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # the full 64-bit range
-    threshold = round(p * 65536)
+    threshold = min(round(p * 65536), 65535)  # a rate that rounds to 1 would keep nothing
     keep = bits.view(torch.int16)[:count].view(shape) >= threshold - 32768
     return keep, threshold / 65536
 
