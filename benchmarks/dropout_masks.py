@@ -38,19 +38,16 @@ def main() -> None:
     from afina.training.precision import resolve_precision
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_speed import EXAMPLES_PER_STEP, LORA, ROWS_PER_STEP, load_data
+    from train_speed import LORA, ROWS_PER_STEP, afina_row_length, load_data
 
     _, examples, _, tokenizer = load_data(args.model, 1.0)
-    row_length = int(sum(len(e.input_ids) for e in examples) / len(examples) * EXAMPLES_PER_STEP / ROWS_PER_STEP)
+    row_length = afina_row_length(examples)
     bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
     torch.manual_seed(0)
     model = apply_method(load_model(args.model, dtype=torch.bfloat16 if bf16 else torch.float32),
                          LoraMethod(**{**LORA, "dropout": args.dropout}))
     optimizer = make_optimizer(trainable_parameters(model).values(), 2e-4, 0.0)
     afina_masks = fused_lora.keep_mask
-
-    def bernoulli_masks(shape, p, device):
-        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p), p
 
     def step(rows, masks) -> float:
         fused_lora.keep_mask = masks
@@ -68,7 +65,7 @@ def main() -> None:
     steps = epoch_steps(examples, row_length, ROWS_PER_STEP, 0, 0)
     speeds: dict[str, list[float]] = {"bernoulli_": [], "afina": []}
     for index, rows in enumerate(steps[: args.steps + 1]):
-        order = [("bernoulli_", bernoulli_masks), ("afina", afina_masks)]
+        order = [("bernoulli_", fused_lora.bernoulli_mask), ("afina", afina_masks)]
         for name, masks in order if index % 2 else order[::-1]:
             speeds[name].append(step(rows, masks))
     ratios = [a / b for a, b in zip(speeds["afina"][1:], speeds["bernoulli_"][1:])]

@@ -78,6 +78,11 @@ def validation_loss(model, validation_examples, tokenizer) -> float:
     return loss
 
 
+def afina_row_length(examples: list) -> int:
+    """Rows that hold a step's EXAMPLES_PER_STEP examples in ROWS_PER_STEP rows, on average."""
+    return int(sum(len(e.input_ids) for e in examples) / len(examples) * EXAMPLES_PER_STEP / ROWS_PER_STEP)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -126,10 +131,9 @@ def run_afina(job: dict) -> dict:
     from afina.training.precision import resolve_precision
 
     records, examples, validation, tokenizer = load_data(job["model"], job["epoch_fraction"])
-    mean_length = sum(len(e.input_ids) for e in examples) / len(examples)
     # afina's defaults: a step's ~8 examples packed into 2 rows, accumulated; frozen base in bf16
     # where the CPU computes bf16 natively (as `afina train` does), LoRA weights and optimizer in fp32
-    row_length = int(mean_length * EXAMPLES_PER_STEP / ROWS_PER_STEP)
+    row_length = afina_row_length(examples)
     bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
     torch.manual_seed(0)
     model = apply_method(load_model(job["model"], dtype=torch.bfloat16 if bf16 else torch.float32),
@@ -237,9 +241,10 @@ def worker_result(returncode: int, stdout: str, stderr: str) -> dict:
     return json.loads(lines[-1])
 
 
-def measure_pair(first: dict, second: dict, steps: int) -> tuple[dict, dict]:
-    """Run two speed jobs side by side, each in its own process, taking turns one optimizer step at a
-    time once both have loaded (see `Turns`); returns their results."""
+def measure_pair(first: dict, second: dict) -> tuple[dict, dict]:
+    """Run two speed jobs (the same warm-up and timed steps) side by side, each in its own process,
+    taking turns one optimizer step at a time once both have loaded (see `Turns`); returns their results."""
+    steps = first["warmup"] + first["steps"]
     with tempfile.TemporaryDirectory() as fifo_dir:
         workers = []
         for index, job in enumerate((first, second)):
@@ -323,8 +328,7 @@ def main() -> None:
         for name, job in systems.items():
             if name == "afina":
                 continue
-            mine, theirs = measure_pair({**base, **systems["afina"], "mode": "speed"}, {**base, **job, "mode": "speed"},
-                                        args.warmup + args.steps)
+            mine, theirs = measure_pair({**base, **systems["afina"], "mode": "speed"}, {**base, **job, "mode": "speed"})
             if "tokens_per_second" in mine:
                 theirs["afina_tokens_per_second"] = mine["tokens_per_second"]
             runs["afina"].append(mine)

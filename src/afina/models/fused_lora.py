@@ -61,12 +61,17 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
     so the update is scaled by exactly 1 / (1 - rate). Other devices draw with `bernoulli_`.
     """
     if device.type != "cpu":
-        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p), p
+        return bernoulli_mask(shape, p, device)
     count = math.prod(shape)
     bits = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # the full 64-bit range
     threshold = min(round(p * 65536), 65535)  # a rate that rounds to 1 would keep nothing
     keep = bits.view(torch.int16)[:count].view(shape) >= threshold - 32768
     return keep, threshold / 65536
+
+
+def bernoulli_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """`keep_mask` drawn by `bernoulli_`, one draw per element (what `nn.Dropout` does), rate exactly p."""
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p), p
 
 
 def fused_dtype(layer: FusedLoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.dtype | None:
