@@ -14,7 +14,9 @@ per optimizer step, fp32 weights:
 Each measurement runs in a fresh process so peak resident memory is its own. Speed runs go in
 lockstep pairs: afina and one other system (afina_wide, TRL's defaults, each TRL variant) load side
 by side, then take turns, one optimizer step at a time, so a machine whose speed drifts from minute
-to minute slows both alike. Tokens per second count non-padding tokens over `--steps` optimizer
+to minute slows both alike; neither tears down until both have finished their steps (a worker's exit
+beside the other's last timed step once slowed that step), and the first turn alternates between
+rounds. Tokens per second count non-padding tokens over `--steps` optimizer
 steps after `--warmup` untimed ones, timed from the start to the end of each of the system's own
 steps, median of `--repeats` rounds in which every pair runs once (trl_best is the TRL setting with
 the fastest median); afina's ratio to each system is the median of its ratios within a pair. Then
@@ -112,12 +114,16 @@ class Turns:
         self.started = time.perf_counter()
 
     def finish(self, more: bool) -> None:
-        """One step ended: record its time, hand the turn back, and wait for the next if there is one."""
+        """One step ended: record its time, hand the turn back, and wait for the next turn; after the last
+        step, wait until the other worker's steps are over too, so that this one's teardown (the end of
+        `train`, saving, exiting) does not run beside a step the other is timing."""
         self.seconds.append(time.perf_counter() - self.started)
         if self.done:
             self.done.write(b"s")
         if more:
             self.take()
+        elif self.go:
+            self.go.read(1)
 
 
 def run_afina(job: dict) -> dict:
@@ -263,6 +269,8 @@ def measure_pair(first: dict, second: dict) -> tuple[dict, dict]:
                 if alive[index]:
                     os.write(go, b"g")
                     alive[index] = receive(process, done) == b"s"
+        for process, go, done, _ in workers:  # both are done timing: let them tear down
+            os.write(go, b"e")
         results = []
         for process, go, done, logs in workers:
             process.wait()
@@ -328,7 +336,9 @@ def main() -> None:
         for name, job in systems.items():
             if name == "afina":
                 continue
-            mine, theirs = measure_pair({**base, **systems["afina"], "mode": "speed"}, {**base, **job, "mode": "speed"})
+            pair = [{**base, **systems["afina"], "mode": "speed"}, {**base, **job, "mode": "speed"}]
+            swapped = round_ % 2 == 1  # each system takes the first turn in every other round
+            mine, theirs = measure_pair(*pair[::-1])[::-1] if swapped else measure_pair(*pair)
             if "tokens_per_second" in mine:
                 theirs["afina_tokens_per_second"] = mine["tokens_per_second"]
             runs["afina"].append(mine)
