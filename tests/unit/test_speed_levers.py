@@ -251,6 +251,13 @@ def test_dropout_masks_benchmark_runs_on_a_tiny_model(tiny_model_dir):
     assert "bernoulli_ masks:" in done.stdout and "afina / bernoulli_:" in done.stdout
 
 
+def test_micro_batch_cost_benchmark_runs_on_a_tiny_model(tiny_model_dir):
+    done = run_script(ROOT / "benchmarks" / "micro_batch_cost.py", "--model", tiny_model_dir, "--rounds", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(f" {4 * size} tokens:" in done.stdout for size in (8, 32, 64, 128)), done.stdout
+    assert "ms per micro-batch +" in done.stdout and "of its time is the fixed part" in done.stdout
+
+
 def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
     pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
     done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
