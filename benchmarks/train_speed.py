@@ -16,10 +16,13 @@ lockstep pairs: afina and one other system (afina_wide, TRL's defaults, each TRL
 by side, then take turns, one optimizer step at a time, so a machine whose speed drifts from minute
 to minute slows both alike; neither tears down until both have finished their steps (a worker's exit
 beside the other's last timed step once slowed that step), and the first turn alternates between
-rounds. Tokens per second count non-padding tokens over `--steps` optimizer
-steps after `--warmup` untimed ones, timed from the start to the end of each of the system's own
-steps, median of `--repeats` rounds in which every pair runs once (trl_best is the TRL setting with
-the fastest median); afina's ratio to each system is the median of its ratios within a pair. Then
+rounds (so keep `--repeats` even). Tokens per second count non-padding tokens over `--steps`
+optimizer steps after `--warmup` untimed ones, timed from the start to the end of each of the
+system's own steps, median of `--repeats` rounds in which every pair runs once (trl_best is the TRL
+setting with the fastest median); afina's ratio to each system is the median of its ratios within a
+pair. `--control` adds afina_again, afina paired with itself, whose ratio shows what the pairs
+resolve; `--control-env KEY=VALUE` sets environment variables in afina_again's process only, so a
+setting such as an allocator option is measured against afina as it is. Then
 each system trains one epoch alone and its validation loss on assistant tokens is computed by the
 same afina function on the same held-out rows. Writes results.md, results.json and chart.png to --out.
 """
@@ -116,7 +119,7 @@ class Turns:
     def finish(self, more: bool) -> None:
         """One step ended: record its time, hand the turn back, and wait for the next turn; after the last
         step, wait until the other worker's steps are over too, so that this one's teardown (the end of
-        `train`, saving, exiting) does not run beside a step the other is timing."""
+        `train`: plotting the loss curve, cleaning up, exiting) does not run beside a step the other is timing."""
         self.seconds.append(time.perf_counter() - self.started)
         if self.done:
             self.done.write(b"s")
@@ -261,7 +264,8 @@ def measure_pair(first: dict, second: dict) -> tuple[dict, dict]:
             go, done = (os.open(fifos[name], os.O_RDWR) for name in ("go", "done"))
             logs = [open(Path(fifo_dir) / f"{name}{index}", "w+") for name in ("stdout", "stderr")]  # no pipe to fill
             process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps({**job, "fifos": fifos})],
-                                       stdout=logs[0], stderr=logs[1], text=True, env={**os.environ, **WORKER_ENV})
+                                       stdout=logs[0], stderr=logs[1], text=True,
+                                       env={**os.environ, **WORKER_ENV, **job.get("env", {})})
             workers.append((process, go, done, logs))
         alive = [receive(process, done) == b"r" for process, _, done, _ in workers]  # both loaded
         for _ in range(steps):
@@ -313,11 +317,15 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="rounds; even, so each side takes the first turn "
+                        "equally often")
     parser.add_argument("--epoch-fraction", type=float, default=1.0, help="share of the training split in the epoch")
     parser.add_argument("--skip-epoch", action="store_true", help="only measure speed and memory")
     parser.add_argument("--variants", default=",".join(TRL_VARIANTS), help="TRL variants tried for trl_best")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 steps, 5%% of the epoch")
+    parser.add_argument("--control", action="store_true", help="also pair afina with itself (afina_again)")
+    parser.add_argument("--control-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for afina_again's process only (implies --control)")
     parser.add_argument("--out", default="results/train_speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -330,6 +338,8 @@ def main() -> None:
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": args.epoch_fraction}
     systems = {"afina": {"system": "afina"}, "afina_wide": {"system": "afina", "rows_per_batch": ROWS_PER_STEP},
                "trl_default": {"system": "trl", "variant": "defaults"}}
+    if args.control or args.control_env:
+        systems["afina_again"] = {"system": "afina", "env": dict(item.split("=", 1) for item in args.control_env)}
     systems |= {f"trl:{name}": {"system": "trl", "variant": name} for name in args.variants.split(",")}
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for round_ in range(args.repeats):  # rounds of every pair: afina in lockstep with each other system
@@ -349,7 +359,9 @@ def main() -> None:
     variants = {"defaults": measured["trl_default"]} | {k[4:]: v for k, v in measured.items() if k.startswith("trl:")}
     ranked = sorted((v["tokens_per_second"], k) for k, v in variants.items() if "tokens_per_second" in v)
     best = ranked[-1][1] if ranked else "defaults"  # TRL at its best: the setting with the fastest median
-    results = {name: measured[name] for name in ("afina", "afina_wide", "trl_default")}
+    results = {name: measured[name] for name in ("afina", "afina_wide", "afina_again", "trl_default") if name in measured}
+    if "afina_again" in results and args.control_env:
+        results["afina_again"]["variant"] = " ".join(args.control_env)
     if best != "defaults":  # else (c) is (b)
         results["trl_best"] = measured[f"trl:{best}"]
         systems["trl_best"] = systems[f"trl:{best}"]
@@ -383,13 +395,18 @@ def write_report(results: dict, variants: dict, args, out: Path) -> None:
         lines.append(f"| {label} | {tps or 0:,.0f} | {rss or 0:,.0f} | {epoch.get('wall_seconds', 0):,.0f} | "
                      f"{epoch.get('validation_loss', float('nan')):.4f} | {ratio_t} | {ratio_m} |")
     wide = results.get("afina_wide", {})
-    paired = {other: pair_ratios(results, other) for other in ("afina_wide", "trl_default", "trl_best")}
+    paired = {other: pair_ratios(results, other) for other in ("afina_wide", "afina_again", "trl_default", "trl_best")
+              if other in results}
+    # afina_wide is paired with afina, not with TRL: its ratio to TRL within pairs is afina's ratio times its gain
+    wide_within = (statistics.median(paired["trl_best"]) / statistics.median(paired["afina_wide"])
+                   if paired["trl_best"] and paired["afina_wide"] else None)
     lines += ["", f"ratio of the medians, afina over the faster TRL setting: {afina['tokens_per_second'] / faster:.2f}x "
               "(afina's median is over its runs in every pair; the ratios within pairs are the ones free of drift)"
               if faster else "", "", "afina tokens/s over each system run in lockstep with it (median of rounds): "
               + ", ".join(f"{k} {statistics.median(v):.2f}x (pairs: {', '.join(f'{r:.2f}' for r in v)})"
                           for k, v in paired.items() if v), "", f"afina_wide (all {ROWS_PER_STEP} rows of a step in one micro-batch) over the faster TRL "
-              f"setting: {wide['tokens_per_second'] / faster:.2f}x tokens/s, "
+              f"setting: {wide['tokens_per_second'] / faster:.2f}x tokens/s (ratio of the medians; afina's ratio to "
+              f"trl_best within pairs times afina_wide's over afina: {wide_within or float('nan'):.2f}x), "
               f"{wide['peak_rss_mib'] / results['trl_default']['peak_rss_mib']:.2f}x trl_default's memory"
               if faster and wide.get("tokens_per_second") and results["trl_default"].get("peak_rss_mib") else "",
               "", "TRL variants tried for trl_best:", ""]

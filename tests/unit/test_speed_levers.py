@@ -261,11 +261,12 @@ def test_micro_batch_cost_benchmark_runs_on_a_tiny_model(tiny_model_dir):
 def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
     pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
     done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
-                      "fp32,no_checkpointing+packing", "--out", tmp_path)
+                      "fp32,no_checkpointing+packing", "--control-env", "OMP_WAIT_POLICY=PASSIVE", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     results = report["results"]
-    assert {"afina", "afina_wide", "trl_default", "trl_best"} <= set(results)
+    assert {"afina", "afina_wide", "afina_again", "trl_default", "trl_best"} <= set(results)
+    assert results["afina_again"]["variant"] == "OMP_WAIT_POLICY=PASSIVE"
     assert results["afina_wide"]["tokens_per_second"] > 0
     for name in ("afina", "trl_default", "trl_best"):
         assert results[name]["tokens_per_second"] > 0 and results[name]["peak_rss_mib"] > 0, results[name]
@@ -273,7 +274,7 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
     assert (tmp_path / "chart.png").stat().st_size > 0
     report_md = (tmp_path / "results.md").read_text()
     assert "afina / system" in report_md and "run in lockstep with it" in report_md
-    # afina runs once beside each other system (afina_wide, TRL's defaults, two variants), in alternating steps
-    assert len(results["afina"]["runs"]) == 4
-    assert all(len(results[name]["runs"]) == 1 for name in ("afina_wide", "trl_default"))
+    # afina runs once beside each other system (afina_wide, itself, TRL's defaults, two variants), in alternating steps
+    assert len(results["afina"]["runs"]) == 5
+    assert all(len(results[name]["runs"]) == 1 for name in ("afina_wide", "afina_again", "trl_default"))
     assert results["trl_default"]["runs"][0]["afina_tokens_per_second"] > 0
