@@ -147,7 +147,10 @@ def run_afina(job: dict) -> dict:
     torch.manual_seed(0)
     model = apply_method(load_model(job["model"], dtype=torch.bfloat16 if bf16 else torch.float32),
                          LoraMethod(**LORA))
-    steps = None if job["mode"] == "epoch" else job["warmup"] + job["steps"]
+    timed = None if job["mode"] == "epoch" else job["warmup"] + job["steps"]
+    # a speed run trains one more step, after its timed ones: `train` checkpoints after its last step, a
+    # cost paid once per run (the epoch's wall time includes it) that TRL's runs (save_strategy "no") skip
+    steps = None if timed is None else timed + 1
     rows = job.get("rows_per_batch", 1)  # afina_wide: the step's rows in one micro-batch (faster, more memory)
     config = TrainingConfig(max_steps=steps, epochs=1, row_length=row_length, rows_per_batch=rows,
                             gradient_accumulation=ROWS_PER_STEP // rows,
@@ -158,7 +161,8 @@ def run_afina(job: dict) -> dict:
         turns.ready()
         started = time.perf_counter()
         train(model, examples, [], config, Path(run_dir), tokenizer.pad_token_id, Console(quiet=True),
-              after_step=lambda step: turns.finish(more=steps is None or step < steps))
+              after_step=lambda step: turns.finish(more=timed is None or step < timed)
+              if timed is None or step <= timed else None)
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
@@ -167,7 +171,7 @@ def run_afina(job: dict) -> dict:
         result["validation_loss"] = validation_loss(model, validation, tokenizer)
     else:
         warm = job["warmup"]
-        result["tokens_per_second"] = sum(r["tokens"] for r in rows[warm:]) / sum(turns.seconds[warm:])
+        result["tokens_per_second"] = sum(r["tokens"] for r in rows[warm:timed]) / sum(turns.seconds[warm:])
     return result
 
 
