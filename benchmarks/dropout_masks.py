@@ -29,23 +29,17 @@ def main() -> None:
 
     import torch
 
-    from afina.config.methods import LoraMethod
     from afina.data.packing import collate_rows, epoch_steps
     from afina.models import fused_lora
-    from afina.models.adapters import apply_method, make_optimizer, trainable_parameters
-    from afina.models.loading import load_model
+    from afina.models.adapters import make_optimizer, trainable_parameters
     from afina.training.loss import sft_loss_sum
-    from afina.training.precision import resolve_precision
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_speed import LORA, ROWS_PER_STEP, afina_row_length, load_data
+    from train_speed import ROWS_PER_STEP, afina_model, afina_row_length, load_data
 
     _, examples, _, tokenizer = load_data(args.model, 1.0)
     row_length = afina_row_length(examples)
-    bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
-    torch.manual_seed(0)
-    model = apply_method(load_model(args.model, dtype=torch.bfloat16 if bf16 else torch.float32),
-                         LoraMethod(**{**LORA, "dropout": args.dropout}))
+    model, bf16 = afina_model(args.model, args.dropout)
     optimizer = make_optimizer(trainable_parameters(model).values(), 2e-4, 0.0)
     afina_masks = fused_lora.keep_mask
 

@@ -37,21 +37,14 @@ def main() -> None:
 
     import torch
 
-    from afina.config.methods import LoraMethod
     from afina.data.packing import collate_rows
-    from afina.models.adapters import apply_method
-    from afina.models.loading import load_model
     from afina.training.loss import sft_loss_sum
-    from afina.training.precision import resolve_precision
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_speed import LORA, afina_row_length, load_data
+    from train_speed import afina_model, afina_row_length, load_data
 
     _, examples, _, tokenizer = load_data(args.model, 1.0)
-    bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
-    torch.manual_seed(0)
-    model = apply_method(load_model(args.model, dtype=torch.bfloat16 if bf16 else torch.float32),
-                         LoraMethod(**LORA))
+    model, bf16 = afina_model(args.model)
     model.train()
     long_enough = [e for e in examples if len(e.input_ids) >= max(SIZES)][:EXAMPLES]
     if len(long_enough) < EXAMPLES:

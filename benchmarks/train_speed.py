@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import select
@@ -88,6 +89,22 @@ def afina_row_length(examples: list) -> int:
     return int(sum(len(e.input_ids) for e in examples) / len(examples) * EXAMPLES_PER_STEP / ROWS_PER_STEP)
 
 
+def afina_model(model: str, dropout: float = LORA["dropout"]):
+    """The model as afina trains it here: LoRA (LORA's settings) on a frozen base kept in bf16 where the
+    CPU computes bf16 natively, as `afina train` does; returns it and whether bf16 is on."""
+    import torch
+
+    from afina.config.schema import LoraMethod
+    from afina.models.adapters import apply_method
+    from afina.models.loading import load_model
+    from afina.training.precision import resolve_precision
+
+    bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
+    torch.manual_seed(0)
+    base = load_model(model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return apply_method(base, LoraMethod(**{**LORA, "dropout": dropout})), bf16
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -130,27 +147,20 @@ class Turns:
 
 
 def run_afina(job: dict) -> dict:
-    import torch
     from rich.console import Console
 
-    from afina.config.schema import LoraMethod, TrainingConfig
-    from afina.models.adapters import apply_method
-    from afina.models.loading import load_model
+    from afina.config.schema import TrainingConfig
     from afina.training.loop import train
-    from afina.training.precision import resolve_precision
 
     records, examples, validation, tokenizer = load_data(job["model"], job["epoch_fraction"])
-    # afina's defaults: a step's ~8 examples packed into 2 rows, accumulated; frozen base in bf16
-    # where the CPU computes bf16 natively (as `afina train` does), LoRA weights and optimizer in fp32
+    # afina's defaults: a step's ~8 examples packed into 2 rows, accumulated; LoRA weights and optimizer in fp32
     row_length = afina_row_length(examples)
-    bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
-    torch.manual_seed(0)
-    model = apply_method(load_model(job["model"], dtype=torch.bfloat16 if bf16 else torch.float32),
-                         LoraMethod(**LORA))
-    timed = None if job["mode"] == "epoch" else job["warmup"] + job["steps"]
+    model, _ = afina_model(job["model"])
+    epoch = job["mode"] == "epoch"
+    timed = math.inf if epoch else job["warmup"] + job["steps"]
     # a speed run trains one more step, after its timed ones: `train` checkpoints after its last step, a
     # cost paid once per run (the epoch's wall time includes it) that TRL's runs (save_strategy "no") skip
-    steps = None if timed is None else timed + 1
+    steps = None if epoch else timed + 1
     rows = job.get("rows_per_batch", 1)  # afina_wide: the step's rows in one micro-batch (faster, more memory)
     config = TrainingConfig(max_steps=steps, epochs=1, row_length=row_length, rows_per_batch=rows,
                             gradient_accumulation=ROWS_PER_STEP // rows,
@@ -161,13 +171,12 @@ def run_afina(job: dict) -> dict:
         turns.ready()
         started = time.perf_counter()
         train(model, examples, [], config, Path(run_dir), tokenizer.pad_token_id, Console(quiet=True),
-              after_step=lambda step: turns.finish(more=timed is None or step < timed)
-              if timed is None or step <= timed else None)
+              after_step=lambda step: turns.finish(more=step < timed) if step <= timed else None)
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
     result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(rows)}
-    if job["mode"] == "epoch":
+    if epoch:
         result["validation_loss"] = validation_loss(model, validation, tokenizer)
     else:
         warm = job["warmup"]
@@ -240,10 +249,15 @@ def run_trl(job: dict) -> dict:
 WORKER_ENV = {"PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
 
 
+def worker_command(job: dict) -> dict:
+    """Popen's arguments for a worker process running `job` (its own "env" on top of this one's)."""
+    return {"args": [sys.executable, __file__, "--worker", json.dumps(job)], "text": True,
+            "env": {**os.environ, **WORKER_ENV, **job.get("env", {})}}
+
+
 def measure(job: dict) -> dict:
     """Run one job in a fresh Python process; returns its JSON result (or the error it died with)."""
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                          env={**os.environ, **WORKER_ENV})
+    done = subprocess.run(**worker_command(job), capture_output=True)
     return worker_result(done.returncode, done.stdout, done.stderr)
 
 
@@ -267,9 +281,7 @@ def measure_pair(first: dict, second: dict) -> tuple[dict, dict]:
             # read-write opens never block, so a worker that dies before opening its end cannot hang the driver
             go, done = (os.open(fifos[name], os.O_RDWR) for name in ("go", "done"))
             logs = [open(Path(fifo_dir) / f"{name}{index}", "w+") for name in ("stdout", "stderr")]  # no pipe to fill
-            process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps({**job, "fifos": fifos})],
-                                       stdout=logs[0], stderr=logs[1], text=True,
-                                       env={**os.environ, **WORKER_ENV, **job.get("env", {})})
+            process = subprocess.Popen(**worker_command({**job, "fifos": fifos}), stdout=logs[0], stderr=logs[1])
             workers.append((process, go, done, logs))
         alive = [receive(process, done) == b"r" for process, _, done, _ in workers]  # both loaded
         for _ in range(steps):
