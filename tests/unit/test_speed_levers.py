@@ -3,6 +3,7 @@ benchmarks run end to end on a tiny model."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,15 @@ def test_micro_batch_cost_benchmark_runs_on_a_tiny_model(tiny_model_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert all(f" {4 * size} tokens:" in done.stdout for size in (8, 32, 64, 128)), done.stdout
     assert "ms per micro-batch +" in done.stdout and "of its time is the fixed part" in done.stdout
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="inductor compiles C++ kernels")
+def test_compile_layers_benchmark_runs_on_a_tiny_model(tiny_model_dir):
+    done = run_script(ROOT / "benchmarks" / "compile_layers.py", "--model", tiny_model_dir, "--rounds", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(f"  {setting} " in done.stdout for setting in ("eager", "eager_padded", "compiled")), done.stdout
+    drift = float(done.stdout.split("compiled and the eager loss: ")[1].split()[0])
+    assert drift < 5e-2, done.stdout  # the compiled layers compute the same function, up to rounding
 
 
 def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
