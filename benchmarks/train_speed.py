@@ -175,7 +175,8 @@ def run_afina(job: dict) -> dict:
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
-    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(rows)}
+    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(rows),
+              "onednn_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
     if epoch:
         result["validation_loss"] = validation_loss(model, validation, tokenizer)
     else:
@@ -235,7 +236,8 @@ def run_trl(job: dict) -> dict:
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(turns.seconds)}
+    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(turns.seconds),
+              "onednn_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
     if job["mode"] == "epoch":
         result["validation_loss"] = validation_loss(trainer.model, validation, tokenizer)
     else:
@@ -247,6 +249,9 @@ def run_trl(job: dict) -> dict:
 # ---------------------------------------------------------------- driver
 
 WORKER_ENV = {"PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+# TRL's workers import afina (for the shared data and model loading), and importing afina bounds oneDNN's
+# kernel caches at 64 entries; TRL's users run with oneDNN's and PyTorch's own bounds, so its workers do too
+TRL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
 
 
 def worker_command(job: dict) -> dict:
@@ -353,10 +358,10 @@ def main() -> None:
         args.repeats, args.steps, args.epoch_fraction = 1, 2, 0.05
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": args.epoch_fraction}
     systems = {"afina": {"system": "afina"}, "afina_wide": {"system": "afina", "rows_per_batch": ROWS_PER_STEP},
-               "trl_default": {"system": "trl", "variant": "defaults"}}
+               "trl_default": {"system": "trl", "variant": "defaults", "env": TRL_ENV}}
     if args.control or args.control_env:
         systems["afina_again"] = {"system": "afina", "env": dict(item.split("=", 1) for item in args.control_env)}
-    systems |= {f"trl:{name}": {"system": "trl", "variant": name} for name in args.variants.split(",")}
+    systems |= {f"trl:{name}": {"system": "trl", "variant": name, "env": TRL_ENV} for name in args.variants.split(",")}
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for round_ in range(args.repeats):  # rounds of every pair: afina in lockstep with each other system
         for name, job in systems.items():

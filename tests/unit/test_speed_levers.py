@@ -288,3 +288,6 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
     assert len(results["afina"]["runs"]) == 5
     assert all(len(results[name]["runs"]) == 1 for name in ("afina_wide", "afina_again", "trl_default"))
     assert results["trl_default"]["runs"][0]["afina_tokens_per_second"] > 0
+    # TRL runs with oneDNN's own kernel-cache bound, as its users do, not the one importing afina sets
+    assert results["trl_default"]["runs"][0]["onednn_cache_capacity"] == "1024"
+    assert results["afina"]["runs"][0]["onednn_cache_capacity"] == "64"
