@@ -259,6 +259,14 @@ def test_micro_batch_cost_benchmark_runs_on_a_tiny_model(tiny_model_dir):
     assert "ms per micro-batch +" in done.stdout and "of its time is the fixed part" in done.stdout
 
 
+def test_activation_memory_benchmark_runs_on_a_tiny_model(tiny_model_dir):
+    done = run_script(ROOT / "benchmarks" / "activation_memory.py", "--model", tiny_model_dir, "--rows", "2",
+                      "--micro-batches", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "micro-batch 1 (" in done.stdout and "micro-batch 2 (" in done.stdout, done.stdout
+    per_token = float(done.stdout.split("MiB (")[1].split(" KiB per token")[0])
+    assert per_token > 0, done.stdout  # autograd keeps activations for backward, and the hooks saw them
+
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="inductor compiles C++ kernels")
 def test_compile_layers_benchmark_runs_on_a_tiny_model(tiny_model_dir):
     done = run_script(ROOT / "benchmarks" / "compile_layers.py", "--model", tiny_model_dir, "--rounds", "1")
