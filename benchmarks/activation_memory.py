@@ -7,7 +7,8 @@
 Builds the model as `train_speed.py`'s afina and runs forward and backward over consecutive packed
 rows. For the first micro-batch it sums the bytes autograd keeps for backward, by shape (parameters
 excluded). After each micro-batch it reads the process's resident memory, its peak so far, and, under
-glibc, the heap malloc holds: how much of it is in use and how much is free but kept. Free memory
+glibc, the heap malloc holds: how much of it is in use and how much is free but kept (for the first
+micro-batch also at the end of its forward pass, when the saved activations peak). Free memory
 kept inside the heap still counts as resident, so a peak that grows after the first micro-batch while
 malloc holds hundreds of MB free is fragmentation, not more live tensors.
 """
@@ -82,6 +83,7 @@ def main() -> None:
         watch = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t) if index == 0 else contextlib.nullcontext()
         with watch, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = sft_loss_sum(model, batch)
+        forward_heap = heap_mib()
         loss.backward()
         del loss
         model.zero_grad(set_to_none=True)
@@ -89,6 +91,9 @@ def main() -> None:
         held = f"; heap {heap[0]:,.0f} MiB, {heap[1]:,.0f} in use, {heap[2]:,.0f} free" if heap else ""
         print(f"micro-batch {index + 1} ({batch.tokens} tokens): {rss_mib():,.0f} MiB resident, peak "
               f"{peak_rss_mib():,.0f}{held}")
+        if index == 0 and forward_heap:
+            print(f"  at the end of its forward pass: heap {forward_heap[0]:,.0f} MiB, {forward_heap[1]:,.0f} in use, "
+                  f"{forward_heap[2]:,.0f} free")
         if index == 0:
             by_shape = collections.Counter()
             for size, shape, dtype in saved.values():
