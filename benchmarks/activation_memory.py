@@ -19,7 +19,6 @@ import argparse
 import collections
 import contextlib
 import ctypes
-import resource
 import sys
 from pathlib import Path
 
@@ -45,10 +44,6 @@ def rss_mib() -> float:
         return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -62,7 +57,7 @@ def main() -> None:
     from afina.training.loss import sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_speed import afina_model, afina_row_length, load_data
+    from train_speed import afina_model, afina_row_length, load_data, peak_rss_mib
 
     _, examples, _, tokenizer = load_data(args.model, 1.0)
     model, bf16 = afina_model(args.model)
@@ -91,10 +86,10 @@ def main() -> None:
         held = f"; heap {heap[0]:,.0f} MiB, {heap[1]:,.0f} in use, {heap[2]:,.0f} free" if heap else ""
         print(f"micro-batch {index + 1} ({batch.tokens} tokens): {rss_mib():,.0f} MiB resident, peak "
               f"{peak_rss_mib():,.0f}{held}")
-        if index == 0 and forward_heap:
-            print(f"  at the end of its forward pass: heap {forward_heap[0]:,.0f} MiB, {forward_heap[1]:,.0f} in use, "
-                  f"{forward_heap[2]:,.0f} free")
         if index == 0:
+            if forward_heap:
+                print(f"  at the end of its forward pass: heap {forward_heap[0]:,.0f} MiB, {forward_heap[1]:,.0f} "
+                      f"in use, {forward_heap[2]:,.0f} free")
             by_shape = collections.Counter()
             for size, shape, dtype in saved.values():
                 by_shape[(shape, str(dtype).removeprefix("torch."))] += size

@@ -41,7 +41,7 @@ def main() -> None:
     import torch
     from transformers import AttentionInterface
 
-    from afina.data.packing import IGNORE, Batch, collate_rows, pack_examples
+    from afina.data.packing import collate_rows, pack_examples
     from afina.models import attention
     from afina.models.adapters import unwrap
     from afina.training.loss import sft_loss_sum
@@ -61,18 +61,9 @@ def main() -> None:
     # attention runs eagerly inside the compiled layers: a graph break around it
     AttentionInterface.register(attention.IMPLEMENTATION, torch.compiler.disable(attention.packed_attention))
 
-    def padded(batch: Batch, length: int) -> Batch:
-        """A one-row batch padded to `length` as `collate_rows` pads: a block of its own, never trained."""
-        extra = length - batch.input_ids.shape[1]
-        return Batch(torch.cat([batch.input_ids, torch.full((1, extra), pad)], 1),
-                     torch.cat([batch.position_ids, torch.arange(extra)[None]], 1),
-                     torch.cat([batch.targets, torch.full((1, extra), IGNORE)], 1), batch.trained_tokens, batch.tokens)
-
     def micro_batch(setting: str, row: list) -> tuple[float, float]:
         """Seconds of one forward and backward pass over `row` in `setting`, and its loss."""
-        batch = collate_rows([row], pad)
-        if setting != "eager":
-            batch = padded(batch, row_length)
+        batch = collate_rows([row], pad, length=0 if setting == "eager" else row_length)
         for layer in layers:
             if setting == "compiled":
                 layer.compile(dynamic=False)

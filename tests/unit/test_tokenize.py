@@ -84,3 +84,9 @@ def test_packed_loss_equals_unpacked_loss(tiny_model, tiny_tokenizer, ticket_row
         padded_loss = sft_loss_sum(tiny_model, padded) / padded.trained_tokens
     assert abs(packed_loss.item() - unpacked_loss.item()) < 1e-5
     assert abs(padded_loss.item() - unpacked_loss.item()) < 1e-5
+    # padded past the longest row (one length for every batch): a block of its own, still never trained
+    longer = collate_rows(pack_examples(examples, 2048), pad, length=packed.input_ids.shape[1] + 9)
+    assert longer.input_ids.shape[1] == packed.input_ids.shape[1] + 9
+    assert (longer.trained_tokens, longer.tokens) == (packed.trained_tokens, packed.tokens)
+    with torch.no_grad():
+        assert abs(sft_loss_sum(tiny_model, longer).item() / longer.trained_tokens - unpacked_loss.item()) < 1e-5

@@ -59,14 +59,15 @@ def pack_examples(examples: list[Example], row_length: int) -> list[list[Example
     return [[examples[i] for i in row] for row in pack_indices([len(e.input_ids) for e in examples], row_length)]
 
 
-def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
-    """Concatenate each row's examples and right-pad rows to the longest; padding is never trained."""
+def collate_rows(rows: list[list[Example]], pad_id: int, length: int = 0) -> Batch:
+    """Concatenate each row's examples and right-pad rows to the longest (or to `length`, if longer);
+    padding is never trained."""
     ids, positions, targets = [], [], []
     for row in rows:
         ids.append([t for e in row for t in e.input_ids])
         positions.append([p for e in row for p in range(len(e.input_ids))])
         targets.append([t for e in row for t in example_targets(e)])
-    length = max(len(r) for r in ids)
+    length = max(length, *(len(r) for r in ids))
     tokens = sum(len(r) for r in ids)
     for r_ids, r_pos, r_tgt in zip(ids, positions, targets):
         pad = length - len(r_ids)
