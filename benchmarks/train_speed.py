@@ -22,7 +22,8 @@ system's own steps, median of `--repeats` rounds in which every pair runs once (
 setting with the fastest median); afina's ratio to each system is the median of its ratios within a
 pair. `--control` adds afina_again, afina paired with itself, whose ratio shows what the pairs
 resolve; `--control-env KEY=VALUE` sets environment variables in afina_again's process only, so a
-setting such as an allocator option is measured against afina as it is. Then
+setting such as an allocator option is measured against afina as it is; `--wide-env KEY=VALUE` does the
+same for afina_wide (a setting that could bring its memory down, weighed against its speed). Then
 each system trains one epoch alone and its validation loss on assistant tokens is computed by the
 same afina function on the same held-out rows. Writes results.md, results.json and chart.png to --out.
 """
@@ -326,6 +327,11 @@ def summarize(runs: list[dict]) -> dict:
             "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good), "runs": runs}
 
 
+def environment(settings: list[str]) -> dict:
+    """KEY=VALUE arguments as a worker's environment additions."""
+    return dict(item.split("=", 1) for item in settings)
+
+
 def pair_ratios(results: dict, other: str) -> list[float]:
     """afina's tokens/s over other's within each of their lockstep pairs, round by round: this machine's
     speed drifts between minutes, and runs measured minutes apart would carry that drift into the ratio."""
@@ -347,6 +353,8 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="also pair afina with itself (afina_again)")
     parser.add_argument("--control-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for afina_again's process only (implies --control)")
+    parser.add_argument("--wide-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for afina_wide's process only")
     parser.add_argument("--out", default="results/train_speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -357,10 +365,11 @@ def main() -> None:
     if args.quick:
         args.repeats, args.steps, args.epoch_fraction = 1, 2, 0.05
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": args.epoch_fraction}
-    systems = {"afina": {"system": "afina"}, "afina_wide": {"system": "afina", "rows_per_batch": ROWS_PER_STEP},
+    systems = {"afina": {"system": "afina"},
+               "afina_wide": {"system": "afina", "rows_per_batch": ROWS_PER_STEP, "env": environment(args.wide_env)},
                "trl_default": {"system": "trl", "variant": "defaults", "env": TRL_ENV}}
     if args.control or args.control_env:
-        systems["afina_again"] = {"system": "afina", "env": dict(item.split("=", 1) for item in args.control_env)}
+        systems["afina_again"] = {"system": "afina", "env": environment(args.control_env)}
     systems |= {f"trl:{name}": {"system": "trl", "variant": name, "env": TRL_ENV} for name in args.variants.split(",")}
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for round_ in range(args.repeats):  # rounds of every pair: afina in lockstep with each other system
@@ -381,8 +390,9 @@ def main() -> None:
     ranked = sorted((v["tokens_per_second"], k) for k, v in variants.items() if "tokens_per_second" in v)
     best = ranked[-1][1] if ranked else "defaults"  # TRL at its best: the setting with the fastest median
     results = {name: measured[name] for name in ("afina", "afina_wide", "afina_again", "trl_default") if name in measured}
-    if "afina_again" in results and args.control_env:
-        results["afina_again"]["variant"] = " ".join(args.control_env)
+    for name, settings in (("afina_again", args.control_env), ("afina_wide", args.wide_env)):
+        if name in results and settings:
+            results[name]["variant"] = " ".join(settings)
     if best != "defaults":  # else (c) is (b)
         results["trl_best"] = measured[f"trl:{best}"]
         systems["trl_best"] = systems[f"trl:{best}"]

@@ -279,13 +279,18 @@ def test_compile_layers_benchmark_runs_on_a_tiny_model(tiny_model_dir):
 def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
     pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
     done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
-                      "fp32,no_checkpointing+packing", "--control-env", "OMP_WAIT_POLICY=PASSIVE", "--out", tmp_path)
+                      "fp32,no_checkpointing+packing", "--control-env", "OMP_WAIT_POLICY=PASSIVE", "--wide-env",
+                      "ONEDNN_PRIMITIVE_CACHE_CAPACITY=32", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     results = report["results"]
     assert {"afina", "afina_wide", "afina_again", "trl_default", "trl_best"} <= set(results)
     assert results["afina_again"]["variant"] == "OMP_WAIT_POLICY=PASSIVE"
     assert results["afina_wide"]["tokens_per_second"] > 0
+    # --wide-env reaches afina_wide's process, and only it
+    assert results["afina_wide"]["variant"] == "ONEDNN_PRIMITIVE_CACHE_CAPACITY=32"
+    assert results["afina_wide"]["runs"][0]["onednn_cache_capacity"] == "32"
+    assert results["afina_again"]["runs"][0]["onednn_cache_capacity"] == "64"
     for name in ("afina", "trl_default", "trl_best"):
         assert results[name]["tokens_per_second"] > 0 and results[name]["peak_rss_mib"] > 0, results[name]
         assert results[name]["epoch"]["validation_loss"] > 0
