@@ -57,11 +57,9 @@ def main() -> None:
     from afina.training.loss import sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_speed import afina_model, afina_row_length, load_data, peak_rss_mib
+    from train_speed import afina_in_training, afina_row_length, peak_rss_mib
 
-    _, examples, _, tokenizer = load_data(args.model, 1.0)
-    model, bf16 = afina_model(args.model)
-    model.train()
+    examples, tokenizer, model, bf16 = afina_in_training(args.model)
     rows = pack_examples(examples, afina_row_length(examples))
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, tuple[int, tuple, torch.dtype]] = {}

@@ -47,11 +47,9 @@ def main() -> None:
     from afina.training.loss import sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_speed import afina_model, afina_row_length, load_data
+    from train_speed import afina_in_training, afina_row_length
 
-    _, examples, _, tokenizer = load_data(args.model, 1.0)
-    model, bf16 = afina_model(args.model)
-    model.train()
+    examples, tokenizer, model, bf16 = afina_in_training(args.model)
     row_length = afina_row_length(examples)
     rows = [row for row in pack_examples(examples, row_length) if sum(len(e.input_ids) for e in row) <= row_length]
     if len(rows) < args.rounds + 1:

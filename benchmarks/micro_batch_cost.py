@@ -41,11 +41,9 @@ def main() -> None:
     from afina.training.loss import sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_speed import afina_model, afina_row_length, load_data
+    from train_speed import afina_in_training, afina_row_length
 
-    _, examples, _, tokenizer = load_data(args.model, 1.0)
-    model, bf16 = afina_model(args.model)
-    model.train()
+    examples, tokenizer, model, bf16 = afina_in_training(args.model)
     long_enough = [e for e in examples if len(e.input_ids) >= max(SIZES)][:EXAMPLES]
     if len(long_enough) < EXAMPLES:
         sys.exit(f"needs {EXAMPLES} examples of at least {max(SIZES)} tokens")

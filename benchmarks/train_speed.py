@@ -106,6 +106,15 @@ def afina_model(model: str, dropout: float = LORA["dropout"]):
     return apply_method(base, LoraMethod(**{**LORA, "dropout": dropout})), bf16
 
 
+def afina_in_training(model: str):
+    """For the one-process probes: the training examples, the tokenizer, and the model as `afina_model`
+    builds it, in training mode, with whether bf16 is on."""
+    _, examples, _, tokenizer = load_data(model, 1.0)
+    net, bf16 = afina_model(model)
+    net.train()
+    return examples, tokenizer, net, bf16
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -267,6 +267,7 @@ def test_activation_memory_benchmark_runs_on_a_tiny_model(tiny_model_dir):
     per_token = float(done.stdout.split("MiB (")[1].split(" KiB per token")[0])
     assert per_token > 0, done.stdout  # autograd keeps activations for backward, and the hooks saw them
 
+
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="inductor compiles C++ kernels")
 def test_compile_layers_benchmark_runs_on_a_tiny_model(tiny_model_dir):
     done = run_script(ROOT / "benchmarks" / "compile_layers.py", "--model", tiny_model_dir, "--rounds", "1")
