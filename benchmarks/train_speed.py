@@ -6,7 +6,8 @@
 Systems, all LoRA r=16 alpha=32 dropout=0 on every linear layer, AdamW at lr 2e-4, about 8 examples
 per optimizer step, fp32 weights:
   afina        afina's loop as `afina train` runs it: packed short rows accumulated, loss only at
-               trained positions, bf16 autocast and a bf16 frozen base where the CPU has native bf16
+               trained positions, bf16 autocast and a bf16 frozen base where the CPU has native bf16,
+               under the allocator the `afina` command starts under (tcmalloc where installed)
   afina_wide   the same with a step's rows in one micro-batch: faster, more activation memory (speed only)
   trl_default  SFTTrainer with the settings a user would typically leave alone (its defaults)
   trl_best     the fastest SFTTrainer variant that runs here, chosen by measuring each variant
@@ -23,7 +24,9 @@ setting with the fastest median); afina's ratio to each system is the median of 
 pair. `--control` adds afina_again, afina paired with itself, whose ratio shows what the pairs
 resolve; `--control-env KEY=VALUE` sets environment variables in afina_again's process only, so a
 setting such as an allocator option is measured against afina as it is; `--wide-env KEY=VALUE` does the
-same for afina_wide (a setting that could bring its memory down, weighed against its speed). Then
+same for afina_wide (a setting that could bring its memory down, weighed against its speed), and
+`--trl-env KEY=VALUE` for TRL's workers (`--trl-env LD_PRELOAD=libtcmalloc_minimal.so.4`: TRL under
+afina's allocator). Each worker records the allocator it ran under. Then
 each system trains one epoch alone and its validation loss on assistant tokens is computed by the
 same afina function on the same held-out rows. Writes results.md, results.json and chart.png to --out.
 """
@@ -119,6 +122,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def worker_settings() -> dict:
+    """What a worker ran under that its speed and memory depend on: oneDNN's kernel-cache bound and the allocator."""
+    return {"onednn_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
+            "allocator": os.environ.get("LD_PRELOAD") or "glibc"}
+
+
 # ---------------------------------------------------------------- workers (one process each)
 
 class Turns:
@@ -185,8 +194,7 @@ def run_afina(job: dict) -> dict:
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
-    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(rows),
-              "onednn_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(rows), **worker_settings()}
     if epoch:
         result["validation_loss"] = validation_loss(model, validation, tokenizer)
     else:
@@ -246,8 +254,7 @@ def run_trl(job: dict) -> dict:
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(turns.seconds),
-              "onednn_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(turns.seconds), **worker_settings()}
     if job["mode"] == "epoch":
         result["validation_loss"] = validation_loss(trainer.model, validation, tokenizer)
     else:
@@ -265,9 +272,13 @@ TRL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "102
 
 
 def worker_command(job: dict) -> dict:
-    """Popen's arguments for a worker process running `job` (its own "env" on top of this one's)."""
+    """Popen's arguments for a worker process running `job` (its own "env" on top of this one's). afina's
+    workers start under the allocator the `afina` command runs under (`allocator_environment`)."""
+    from afina.training.allocator import allocator_environment
+
+    allocator = allocator_environment() if job["system"] == "afina" else {}
     return {"args": [sys.executable, __file__, "--worker", json.dumps(job)], "text": True,
-            "env": {**os.environ, **WORKER_ENV, **job.get("env", {})}}
+            "env": {**os.environ, **WORKER_ENV, **allocator, **job.get("env", {})}}
 
 
 def measure(job: dict) -> dict:
@@ -364,6 +375,8 @@ def main() -> None:
                         help="environment for afina_again's process only (implies --control)")
     parser.add_argument("--wide-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for afina_wide's process only")
+    parser.add_argument("--trl-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for TRL's processes (e.g. LD_PRELOAD: the allocator afina runs under)")
     parser.add_argument("--out", default="results/train_speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -376,10 +389,10 @@ def main() -> None:
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": args.epoch_fraction}
     systems = {"afina": {"system": "afina"},
                "afina_wide": {"system": "afina", "rows_per_batch": ROWS_PER_STEP, "env": environment(args.wide_env)},
-               "trl_default": {"system": "trl", "variant": "defaults", "env": TRL_ENV}}
+               "trl_default": {"system": "trl", "variant": "defaults", "env": {**TRL_ENV, **environment(args.trl_env)}}}
     if args.control or args.control_env:
         systems["afina_again"] = {"system": "afina", "env": environment(args.control_env)}
-    systems |= {f"trl:{name}": {"system": "trl", "variant": name, "env": TRL_ENV} for name in args.variants.split(",")}
+    systems |= {f"trl:{name}": {**systems["trl_default"], "variant": name} for name in args.variants.split(",")}
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for round_ in range(args.repeats):  # rounds of every pair: afina in lockstep with each other system
         for name, job in systems.items():
@@ -449,6 +462,8 @@ def write_report(results: dict, variants: dict, args, out: Path) -> None:
               f"trl_best within pairs times afina_wide's over afina: {wide_within or float('nan'):.2f}x), "
               f"{wide['peak_rss_mib'] / results['trl_default']['peak_rss_mib']:.2f}x trl_default's memory"
               if faster and wide.get("tokens_per_second") and results["trl_default"].get("peak_rss_mib") else "",
+              "", "allocators: " + ", ".join(f"{name} {result['runs'][0].get('allocator')}" for name, result in results.items()
+                                             if result.get("runs")),
               "", "TRL variants tried for trl_best:", ""]
     lines += [f"- {k}: " + (f"{v['tokens_per_second']:,.0f} tokens/s, {v['peak_rss_mib']:,.0f} MiB (median of "
                             f"{len([r for r in v['runs'] if 'error' not in r])})"

@@ -16,6 +16,7 @@ from afina.data.packing import collate_rows, pack_examples
 from afina.models.adapters import apply_method, trainable_parameters
 from afina.models.loading import load_model
 from afina.training import loss as loss_module
+from afina.training.allocator import allocator_environment
 from afina.training.loss import plain_loss_sum, sft_loss_sum
 from tests.unit.test_training import examples
 
@@ -280,13 +281,19 @@ def test_compile_layers_benchmark_runs_on_a_tiny_model(tiny_model_dir):
 def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
     pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
     done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
-                      "fp32,no_checkpointing+packing", "--control-env", "OMP_WAIT_POLICY=PASSIVE", "--wide-env",
-                      "ONEDNN_PRIMITIVE_CACHE_CAPACITY=32", "--out", tmp_path)
+                      "fp32,no_checkpointing+packing", "--control-env", "LD_PRELOAD=", "--wide-env",
+                      "ONEDNN_PRIMITIVE_CACHE_CAPACITY=32", "--trl-env", "LD_PRELOAD=libc.so.6", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     results = report["results"]
     assert {"afina", "afina_wide", "afina_again", "trl_default", "trl_best"} <= set(results)
-    assert results["afina_again"]["variant"] == "OMP_WAIT_POLICY=PASSIVE"
+    assert results["afina_again"]["variant"] == "LD_PRELOAD="
+    # afina runs under the allocator the afina command starts under; an empty LD_PRELOAD means glibc's malloc
+    expected = {**os.environ, **allocator_environment()}.get("LD_PRELOAD") or "glibc"
+    assert results["afina"]["runs"][0]["allocator"] == expected
+    assert results["afina_again"]["runs"][0]["allocator"] == "glibc"
+    assert all(run["allocator"] == "libc.so.6" for run in results["trl_default"]["runs"] + results["trl_best"]["runs"])
+    assert "allocators: afina " in (tmp_path / "results.md").read_text()
     assert results["afina_wide"]["tokens_per_second"] > 0
     # --wide-env reaches afina_wide's process, and only it
     assert results["afina_wide"]["variant"] == "ONEDNN_PRIMITIVE_CACHE_CAPACITY=32"
