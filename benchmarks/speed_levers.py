@@ -26,6 +26,8 @@ free of the machine's drift between minutes.
   +kept_probabilities  packed attention keeps each layer's probabilities for backward instead of
                    recomputing them from q and k (up to 8 MiB a layer)
   +fused_adamw     PyTorch's fused AdamW (one kernel for all parameters) instead of its per-parameter loop
+  +allocator       the process under the allocator the `afina` command starts under (tcmalloc where
+                   installed, afina.training.allocator) instead of glibc's malloc
   +compile         torch.compile of the decoder (measured; afina leaves it off if it does not pay)
   threads=1        afina's default on one thread instead of all cores
 """
@@ -44,8 +46,8 @@ from pathlib import Path
 
 LEVERS = ["plain", "+packing", "+trained_logits", "+bf16_autocast", "+bf16_weights", "+short_rows", "+fused_lora",
           "+packed_attention", "+fused_layers", "+fused_cross_entropy", "+kept_probabilities", "+fused_adamw",
-          "+compile"]
-DEFAULT = "+fused_adamw"  # the last lever afina keeps on
+          "+allocator", "+compile"]
+DEFAULT = "+allocator"  # the last lever afina keeps on
 EXAMPLES_PER_STEP = 8
 
 
@@ -128,12 +130,17 @@ def worker(job: dict) -> dict:
         times.append(time.perf_counter() - started)
         tokens.append(sum(b.tokens for b in micro_batches))
     return {"tokens_per_second": sum(tokens[1:]) / sum(times[1:]), "first_step_seconds": times[0],
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "allocator": os.environ.get("LD_PRELOAD") or "glibc"}
 
 
 def measure(job: dict) -> dict:
+    from afina.training.allocator import allocator_environment
+
+    # an empty LD_PRELOAD keeps glibc's malloc; the allocator lever starts the worker as the afina command starts
+    allocator = allocator_environment() if job["flags"]["allocator"] else {"LD_PRELOAD": ""}
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"})
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", **allocator})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -179,7 +186,8 @@ def main() -> None:
             results[name] = runs[name][0]
             lines.append(f"| {name} | failed: {runs[name][0]['error'][:80]} | | | | | |")
             continue
-        result = {key: statistics.median(r[key] for r in good) for key in good[0]}
+        result = {key: statistics.median(r[key] for r in good) for key in good[0] if key != "allocator"}
+        result["allocator"] = good[0]["allocator"]
         results[name] = result
         plain = results.get("plain", result)["tokens_per_second"]
         before = previous["tokens_per_second"] if previous else result["tokens_per_second"]

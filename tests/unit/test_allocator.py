@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from afina.training import allocator
-from afina.training.allocator import allocator_environment, installed_allocator
+from afina.training.allocator import allocator_environment, installed_allocator, missing_allocator_hint
 
 # a child that stands in a loader-findable library (libc, already loaded, so harmless) for the allocator
 RESTART = """
@@ -70,3 +70,15 @@ def test_the_afina_command_runs_under_the_installed_allocator():
     assert installed_allocator().split(".so")[0] in done.stdout
     entry = run_child("from afina.cli import main; main()", "--help")
     assert entry.returncode == 0 and "train" in entry.stdout, entry.stderr
+
+
+def test_training_without_an_installed_allocator_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
+    assert "apt-get install libtcmalloc-minimal4" in missing_allocator_hint()
+    monkeypatch.setenv("LD_PRELOAD", "")  # the user chose glibc's malloc
+    assert missing_allocator_hint() is None
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: "libjemalloc.so.2")
+    assert missing_allocator_hint() is None

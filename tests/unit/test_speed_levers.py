@@ -239,11 +239,15 @@ def run_script(*args, timeout=300):
 
 def test_speed_levers_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path):
     done = run_script(ROOT / "benchmarks" / "speed_levers.py", "--model", tiny_model_dir, "--steps", "1",
-                      "--repeats", "1", "--only", "plain,+packing,+trained_logits,+short_rows", "--out", tmp_path)
+                      "--repeats", "1", "--only", "plain,+packing,+trained_logits,+short_rows,+allocator", "--out",
+                      tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert all(results[name].get("tokens_per_second", 0) > 0 for name in ("plain", "+packing", "+trained_logits",
-                                                                           "+short_rows")), results
+                                                                           "+short_rows", "+allocator")), results
+    # every lever before the allocator runs under glibc's malloc; that one under the afina command's allocator
+    assert results["+short_rows"]["allocator"] == "glibc"
+    assert results["+allocator"]["allocator"] == ({**os.environ, **allocator_environment()}.get("LD_PRELOAD") or "glibc")
     assert "| +short_rows |" in (tmp_path / "results.md").read_text()
 
 

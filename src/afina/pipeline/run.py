@@ -38,6 +38,7 @@ from afina.models.adapters import (apply_method, base_model, check_method_suppor
 from afina.models.artifacts import load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.paths import runs_dir
+from afina.training.allocator import missing_allocator_hint
 from afina.training.estimate import check_before_launch
 from afina.training.loop import TrainResult, train
 from afina.training.precision import resolve_precision
@@ -210,6 +211,9 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     warning = check_before_launch(config, data.examples["train"])  # refuses a run that cannot fit
     if warning:
         console.print(f"[yellow]warning[/]: {warning}")
+    hint = missing_allocator_hint()
+    if hint:
+        console.print(f"[yellow]note[/]: {hint}")
     run_dir = resume_dir or new_run_dir(config.name)
     if resume_dir is None:
         write_run_inputs(run_dir, config, data)
