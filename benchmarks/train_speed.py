@@ -10,7 +10,9 @@ per optimizer step, fp32 weights:
                under the allocator the `afina` command starts under (tcmalloc where installed)
   afina_wide   the same with a step's rows in one micro-batch: faster, more activation memory (speed only)
   trl_default  SFTTrainer with the settings a user would typically leave alone (its defaults)
-  trl_best     the fastest SFTTrainer variant that runs here, chosen by measuring each variant
+  trl_best     the fastest SFTTrainer variant that runs here, chosen by measuring each variant; the
+               variants include wrapped packing under the allocator afina runs under (`+allocator`),
+               which speeds TRL up too
 
 Each measurement runs in a fresh process so peak resident memory is its own. Speed runs go in
 lockstep pairs: afina and one other system (afina_wide, TRL's defaults, each TRL variant) load side
@@ -46,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from afina.training.allocator import allocator_environment
+
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 LEARNING_RATE = 2e-4
 EXAMPLES_PER_STEP = 8
@@ -60,6 +64,10 @@ TRL_VARIANTS = {  # changes to SFTConfig's defaults (bf16 autocast, gradient che
                                          "packing_strategy": "wrapped", "prompt_completion": True},
     "fp32": {"bf16": False, "gradient_checkpointing": False},
 }
+# a variant named with this suffix runs under the allocator afina's workers run under (tcmalloc where installed):
+# TRL gains from it too, so TRL at its best is tried with it
+ALLOCATOR = "+allocator"
+DEFAULT_VARIANTS = [*TRL_VARIANTS, "no_checkpointing+packing_wrapped" + ALLOCATOR]
 
 
 # ---------------------------------------------------------------- shared data and evaluation
@@ -213,7 +221,7 @@ def run_trl(job: dict) -> dict:
     from afina.models.loading import load_model
 
     records, examples, validation, tokenizer = load_data(job["model"], job["epoch_fraction"])
-    variant = dict(TRL_VARIANTS.get(job["variant"], {}))
+    variant = dict(TRL_VARIANTS.get(job["variant"].removesuffix(ALLOCATOR), {}))
     prompt_completion = variant.pop("prompt_completion", False)
     if prompt_completion:
         rows = [{"prompt": r.prompt_messages(), "completion": [{"role": "assistant", "content": r.reference_answer()}]}
@@ -274,8 +282,6 @@ TRL_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "102
 def worker_command(job: dict) -> dict:
     """Popen's arguments for a worker process running `job` (its own "env" on top of this one's). afina's
     workers start under the allocator the `afina` command runs under (`allocator_environment`)."""
-    from afina.training.allocator import allocator_environment
-
     allocator = allocator_environment() if job["system"] == "afina" else {}
     return {"args": [sys.executable, __file__, "--worker", json.dumps(job)], "text": True,
             "env": {**os.environ, **WORKER_ENV, **allocator, **job.get("env", {})}}
@@ -368,7 +374,8 @@ def main() -> None:
                         "equally often")
     parser.add_argument("--epoch-fraction", type=float, default=1.0, help="share of the training split in the epoch")
     parser.add_argument("--skip-epoch", action="store_true", help="only measure speed and memory")
-    parser.add_argument("--variants", default=",".join(TRL_VARIANTS), help="TRL variants tried for trl_best")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="TRL variants tried for trl_best "
+                        f"(a name ending in {ALLOCATOR}: that variant under afina's allocator)")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 steps, 5%% of the epoch")
     parser.add_argument("--control", action="store_true", help="also pair afina with itself (afina_again)")
     parser.add_argument("--control-env", action="append", default=[], metavar="KEY=VALUE",
@@ -393,6 +400,9 @@ def main() -> None:
     if args.control or args.control_env:
         systems["afina_again"] = {"system": "afina", "env": environment(args.control_env)}
     systems |= {f"trl:{name}": {**systems["trl_default"], "variant": name} for name in args.variants.split(",")}
+    for job in systems.values():
+        if job.get("variant", "").endswith(ALLOCATOR):
+            job["env"] = {**job["env"], **allocator_environment()}
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for round_ in range(args.repeats):  # rounds of every pair: afina in lockstep with each other system
         for name, job in systems.items():

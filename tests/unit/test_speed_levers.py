@@ -231,10 +231,39 @@ def test_bf16_lever_stays_close_to_fp32(lora_tiny, tiny_tokenizer, ticket_rows):
     assert abs(bf16 - fp32) <= 2e-2 * fp32
 
 
-def run_script(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
+def run_script(*args, timeout=300, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=ROOT)
+
+
+# one packed row's fp32 loss and LoRA gradient norms, in a process of its own (its allocator is fixed at start)
+LOSS_IN_A_PROCESS = """
+import json, os, sys
+sys.path.insert(0, "benchmarks")
+from train_speed import afina_in_training, afina_row_length
+from afina.data.packing import collate_rows, pack_examples
+from afina.training.loss import sft_loss_sum
+examples, tokenizer, model, _ = afina_in_training(sys.argv[1])
+model = model.float()
+loss = sft_loss_sum(model, collate_rows([pack_examples(examples, afina_row_length(examples))[0]], tokenizer.pad_token_id))
+loss.backward()
+print(json.dumps({"loss": loss.item(), "allocator": os.environ.get("LD_PRELOAD"),
+                  "grads": [p.grad.norm().item() for p in model.parameters() if p.grad is not None]}))
+"""
+
+
+@pytest.mark.skipif(not allocator_environment(), reason="neither tcmalloc nor jemalloc is installed here (or "
+                    "LD_PRELOAD is set)")
+def test_the_allocator_lever_keeps_the_loss_and_gradients(tiny_model_dir):
+    runs = {}
+    for name, env in (("glibc", {"LD_PRELOAD": ""}), ("allocator", allocator_environment())):
+        done = run_script("-c", LOSS_IN_A_PROCESS, tiny_model_dir, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = json.loads(done.stdout.splitlines()[-1])
+    assert runs["allocator"]["allocator"] == allocator_environment()["LD_PRELOAD"]
+    assert runs["allocator"]["loss"] == pytest.approx(runs["glibc"]["loss"], rel=1e-4)
+    assert runs["glibc"]["grads"] and runs["allocator"]["grads"] == pytest.approx(runs["glibc"]["grads"], rel=1e-4)
 
 
 def test_speed_levers_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path):
@@ -285,7 +314,7 @@ def test_compile_layers_benchmark_runs_on_a_tiny_model(tiny_model_dir):
 def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
     pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
     done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
-                      "fp32,no_checkpointing+packing", "--control-env", "LD_PRELOAD=", "--wide-env",
+                      "fp32,no_checkpointing+packing+allocator", "--control-env", "LD_PRELOAD=", "--wide-env",
                       "ONEDNN_PRIMITIVE_CACHE_CAPACITY=32", "--trl-env", "LD_PRELOAD=libc.so.6", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
@@ -296,7 +325,11 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
     expected = {**os.environ, **allocator_environment()}.get("LD_PRELOAD") or "glibc"
     assert results["afina"]["runs"][0]["allocator"] == expected
     assert results["afina_again"]["runs"][0]["allocator"] == "glibc"
-    assert all(run["allocator"] == "libc.so.6" for run in results["trl_default"]["runs"] + results["trl_best"]["runs"])
+    variants = report["variants"]
+    assert all(run["allocator"] == "libc.so.6" for run in results["trl_default"]["runs"] + variants["fp32"]["runs"])
+    # a variant named +allocator runs under afina's allocator (where one is installed)
+    assert variants["no_checkpointing+packing+allocator"]["runs"][0]["allocator"] == \
+        (allocator_environment().get("LD_PRELOAD") or "libc.so.6")
     assert "allocators: afina " in (tmp_path / "results.md").read_text()
     assert results["afina_wide"]["tokens_per_second"] > 0
     # --wide-env reaches afina_wide's process, and only it
