@@ -26,9 +26,9 @@ setting with the fastest median); afina's ratio to each system is the median of 
 pair. `--control` adds afina_again, afina paired with itself, whose ratio shows what the pairs
 resolve; `--control-env KEY=VALUE` sets environment variables in afina_again's process only, so a
 setting such as an allocator option is measured against afina as it is; `--wide-env KEY=VALUE` does the
-same for afina_wide (a setting that could bring its memory down, weighed against its speed), and
-`--trl-env KEY=VALUE` for TRL's workers (`--trl-env LD_PRELOAD=libtcmalloc_minimal.so.4`: TRL under
-afina's allocator). Each worker records the allocator it ran under. Then
+same for afina_wide (a setting that could bring its memory down, weighed against its speed). A TRL
+variant named with `+allocator` (`--variants defaults+allocator` is TRL's defaults) runs under the
+allocator afina runs under. Each worker records the allocator it ran under. Then
 each system trains one epoch alone and its validation loss on assistant tokens is computed by the
 same afina function on the same held-out rows. Writes results.md, results.json and chart.png to --out.
 """
@@ -382,8 +382,6 @@ def main() -> None:
                         help="environment for afina_again's process only (implies --control)")
     parser.add_argument("--wide-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for afina_wide's process only")
-    parser.add_argument("--trl-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment for TRL's processes (e.g. LD_PRELOAD: the allocator afina runs under)")
     parser.add_argument("--out", default="results/train_speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -396,7 +394,7 @@ def main() -> None:
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": args.epoch_fraction}
     systems = {"afina": {"system": "afina"},
                "afina_wide": {"system": "afina", "rows_per_batch": ROWS_PER_STEP, "env": environment(args.wide_env)},
-               "trl_default": {"system": "trl", "variant": "defaults", "env": {**TRL_ENV, **environment(args.trl_env)}}}
+               "trl_default": {"system": "trl", "variant": "defaults", "env": TRL_ENV}}
     if args.control or args.control_env:
         systems["afina_again"] = {"system": "afina", "env": environment(args.control_env)}
     systems |= {f"trl:{name}": {**systems["trl_default"], "variant": name} for name in args.variants.split(",")}

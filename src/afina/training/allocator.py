@@ -4,7 +4,8 @@ A training micro-batch allocates and frees thousands of tensors, of sizes that c
 packed row. glibc's malloc serves them from a heap it seldom hands back, in fragments around the
 long-lived kernels oneDNN caches, and spends time sorting its free lists. tcmalloc keeps freed
 blocks in lists by size and gives the most recently freed (still in cache) back first. On the
-default model afina trains about 1.3x faster under it, in less memory (README, Benchmarks).
+default model afina trains about 1.1x faster under it (1.08-1.17x), in 12% less memory (README,
+Benchmarks).
 
 A process cannot change its allocator once it runs, so the `afina` command starts itself again with
 the allocator preloaded (`LD_PRELOAD`) before it imports anything heavy. It leaves the process alone
@@ -57,5 +58,5 @@ def missing_allocator_hint() -> str | None:
     installed; None where one is, where the user set `LD_PRELOAD`, and off Linux."""
     if sys.platform != "linux" or "LD_PRELOAD" in os.environ or installed_allocator():
         return None
-    return ("tcmalloc is not installed, so training runs under glibc's malloc; afina trains about 1.15x faster "
+    return ("tcmalloc is not installed, so training runs under glibc's malloc; afina trains about 1.1x faster "
             "under tcmalloc (Debian, Ubuntu: apt-get install libtcmalloc-minimal4)")
