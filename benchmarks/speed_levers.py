@@ -71,6 +71,7 @@ def worker(job: dict) -> dict:
     from afina.models.fused_lora import FusedLoraLinear
     from afina.models.loading import load_model
     from afina.training import loss as loss_module
+    from afina.training.allocator import running_allocator
     from afina.training.loss import plain_loss_sum, sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -131,7 +132,7 @@ def worker(job: dict) -> dict:
         tokens.append(sum(b.tokens for b in micro_batches))
     return {"tokens_per_second": sum(tokens[1:]) / sum(times[1:]), "first_step_seconds": times[0],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "allocator": os.environ.get("LD_PRELOAD") or "glibc"}
+            "allocator": running_allocator()}
 
 
 def measure(job: dict) -> dict:

@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from afina.training.allocator import allocator_environment
+from afina.training.allocator import allocator_environment, running_allocator
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 LEARNING_RATE = 2e-4
@@ -133,7 +133,7 @@ def peak_rss_mib() -> float:
 def worker_settings() -> dict:
     """What a worker ran under that its speed and memory depend on: oneDNN's kernel-cache bound and the allocator."""
     return {"onednn_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
-            "allocator": os.environ.get("LD_PRELOAD") or "glibc"}
+            "allocator": running_allocator()}
 
 
 # ---------------------------------------------------------------- workers (one process each)

@@ -16,7 +16,7 @@ from afina.data.packing import collate_rows, pack_examples
 from afina.models.adapters import apply_method, trainable_parameters
 from afina.models.loading import load_model
 from afina.training import loss as loss_module
-from afina.training.allocator import allocator_environment
+from afina.training.allocator import allocator_environment, running_allocator
 from afina.training.loss import plain_loss_sum, sft_loss_sum
 from tests.unit.test_training import examples
 
@@ -237,6 +237,12 @@ def run_script(*args, timeout=300, env=None):
                           cwd=ROOT)
 
 
+def command_allocator() -> str:
+    """The allocator a process the afina command starts runs under, from this one: a user's LD_PRELOAD
+    wins, else the installed allocator, else glibc's malloc."""
+    return {**os.environ, **allocator_environment()}.get("LD_PRELOAD") or "glibc"
+
+
 # one packed row's fp32 loss and LoRA gradient norms, in a process of its own (its allocator is fixed at start)
 LOSS_IN_A_PROCESS = """
 import json, os, sys
@@ -276,7 +282,7 @@ def test_speed_levers_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path):
                                                                            "+short_rows", "+allocator")), results
     # every lever before the allocator runs under glibc's malloc; that one under the afina command's allocator
     assert results["+short_rows"]["allocator"] == "glibc"
-    assert results["+allocator"]["allocator"] == ({**os.environ, **allocator_environment()}.get("LD_PRELOAD") or "glibc")
+    assert results["+allocator"]["allocator"] == command_allocator()
     assert "| +short_rows |" in (tmp_path / "results.md").read_text()
 
 
@@ -322,13 +328,13 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
     assert {"afina", "afina_wide", "afina_again", "trl_default", "trl_best"} <= set(results)
     assert results["afina_again"]["variant"] == "LD_PRELOAD="
     # afina runs under the allocator the afina command starts under; an empty LD_PRELOAD means glibc's malloc
-    expected = {**os.environ, **allocator_environment()}.get("LD_PRELOAD") or "glibc"
+    expected = command_allocator()
     assert results["afina"]["runs"][0]["allocator"] == expected
     assert results["afina_again"]["runs"][0]["allocator"] == "glibc"
     # TRL runs as its users run it, except a variant named +allocator: under afina's allocator
     variants = report["variants"]
     assert {run["allocator"] for run in results["trl_default"]["runs"] + variants["fp32"]["runs"]} == \
-        {os.environ.get("LD_PRELOAD") or "glibc"}
+        {running_allocator()}
     assert variants["no_checkpointing+packing+allocator"]["runs"][0]["allocator"] == expected
     assert "allocators: afina " in (tmp_path / "results.md").read_text()
     assert results["afina_wide"]["tokens_per_second"] > 0

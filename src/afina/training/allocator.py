@@ -45,6 +45,11 @@ def allocator_environment() -> dict[str, str]:
     return {"LD_PRELOAD": library, **QUIET} if library else {}
 
 
+def running_allocator() -> str:
+    """The allocator this process runs under, as a label: the preloaded library, or glibc."""
+    return os.environ.get("LD_PRELOAD") or "glibc"
+
+
 def run_under_allocator() -> None:
     """Replace this process with itself, same arguments, under the installed allocator; returns only
     where there is nothing to change (already under it, the user's choice, or none installed)."""
