@@ -23,6 +23,7 @@ from afina.training.activations import (MicroBatch, ModelShape, activation_bytes
 from afina.training.estimate import (CACHED_SHAPES, FIT_HEADROOM, Machine, check_before_launch, check_fits, estimate_run,
                                      variant)
 from afina.training.loop import total_steps
+from afina.training.steps import objective_for
 from tests.conftest import write_jsonl
 
 CPU = torch.device("cpu")
@@ -69,9 +70,16 @@ def test_data_summary_matches_the_loop(tiny_model_dir, tmp_path, ticket_rows):
     config = make_config(tiny_model_dir, tmp_path, ticket_rows, rows_per_batch=2, gradient_accumulation=2, epochs=3)
     examples = train_examples(config)
     data = check_fits(config, examples, machine=NO_RUNTIME).data
+    objective = objective_for(config)
     assert data.tokens == sum(len(e.input_ids) for e in examples)
-    assert data.total_steps == total_steps(examples, config.training) == 3 * data.steps_per_epoch
-    assert 0 <= data.padding_share < 1
+    assert data.total_steps == total_steps(examples, config.training, objective) == 3 * data.steps_per_epoch
+    # what the loop's batches hold and compute: the tickets share their system prompt
+    batches = [objective.collate(step[i : i + 2], 0) for step in objective.epoch_steps(examples, config.training, 0)
+               for i in range(0, len(step), 2)]
+    held = sum(b.tokens - int(b.examples[:, 3].sum()) for b in batches)
+    assert data.rows == sum(b.input_ids.shape[0] for b in batches)
+    assert data.shared_share == pytest.approx(1 - held / data.tokens) and data.shared_share > 0.1
+    assert data.padding_share == pytest.approx(1 - held / sum(b.input_ids.numel() for b in batches))
 
 
 SAVED_CASES = [("lora", LoraMethod(r=4), torch.float32, False), ("lora no dropout", LoraMethod(r=4, dropout=0.0),

@@ -69,6 +69,11 @@ def test_each_lever_keeps_loss_and_gradients_of_the_plain_path(lora_tiny, tiny_t
     short = [collate_rows([row], pad) for row in pack_examples(data, 64)]
     assert len(short) > 2
     assert_same(plain, loss_and_grads(lora_tiny, short, sft_loss_sum))
+    # shared prefixes: the examples after a row's first read their common system prompt from it
+    shared = [collate_rows(pack_examples(data, 4096, share_prefixes=True), pad, share_prefixes=True)]
+    assert shared[0].shares_prefixes and shared[0].tokens == packed_rows[0].tokens
+    assert shared[0].input_ids.numel() < packed_rows[0].input_ids.numel()
+    assert_same(plain, loss_and_grads(lora_tiny, shared, sft_loss_sum))
 
 
 @pytest.mark.parametrize("head_kind", ["linear", "wrapped"])
@@ -187,10 +192,13 @@ def test_fused_lora_with_dropout_trains_and_is_deterministic_in_eval(tiny_model_
         assert sft_loss_sum(model, batch).item() == sft_loss_sum(model, batch).item()
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["", "shared prefixes"])
 @pytest.mark.parametrize("kernel", ["matmul", "matmul recomputing probabilities", "sdpa"])
-def test_packed_attention_matches_the_masked_path(lora_tiny, tiny_tokenizer, ticket_rows, monkeypatch, kernel):
-    """Rows of several examples plus a padded row: each example attends only to itself, as under
-    transformers' block-diagonal mask (the plain path), in each of its kernels."""
+def test_packed_attention_matches_the_masked_path(lora_tiny, tiny_tokenizer, ticket_rows, monkeypatch, kernel,
+                                                  shared):
+    """Rows of several examples plus a padded row: each example attends only to itself (and, sharing
+    prefixes, to the prefix it reads from its row's first example), as under transformers'
+    block-diagonal mask over the examples laid out in full (the plain path), in each of its kernels."""
     from afina.models import attention
 
     if kernel == "sdpa":
@@ -198,16 +206,84 @@ def test_packed_attention_matches_the_masked_path(lora_tiny, tiny_tokenizer, tic
     if kernel == "matmul recomputing probabilities":
         monkeypatch.setattr(attention, "KEPT_PROBABILITIES_BYTES", 0)
     data = examples(tiny_tokenizer, ticket_rows[:9])
-    rows = pack_examples(data, 160)
-    batches = [collate_rows(rows[i : i + 2], tiny_tokenizer.pad_token_id) for i in range(0, len(rows), 2)]
-    assert any(len(row) > 1 for row in rows) and any(b.tokens < b.input_ids.numel() for b in batches)
-    plain = loss_and_grads(lora_tiny, batches, plain_loss_sum)
+    rows = pack_examples(data, 160, share_prefixes=shared)
+    batches = [collate_rows(rows[i : i + 2], tiny_tokenizer.pad_token_id, share_prefixes=shared)
+               for i in range(0, len(rows), 2)]
+    assert any(len(row) > 1 for row in rows)
+    assert any(b.input_ids.numel() > b.tokens - int(b.examples[:, 3].sum()) for b in batches)  # a padded row
+    assert all(b.shares_prefixes == shared for b in batches if b.examples.shape[0] > 2)
+    plain = loss_and_grads(lora_tiny, [collate_rows([[e] for e in data], tiny_tokenizer.pad_token_id)],
+                           plain_loss_sum)
 
     def masked_path(*args, **kwargs):
         raise AssertionError("packed rows went through the masked SDPA path")
 
     monkeypatch.setattr(attention, "sdpa_attention_forward", masked_path)
     assert_same(plain, loss_and_grads(lora_tiny, batches, sft_loss_sum))
+
+
+def test_shared_prefixes_through_sdpa_with_a_mask_match_the_blocks(lora_tiny, tiny_tokenizer, ticket_rows):
+    """Where the blocks cannot run (attention dropout, a short sliding window), SDPA gets a mask that
+    sees shared prefixes: the same attention as the blocks compute."""
+    from afina.models.attention import LAYOUT_KEYWORD, PackedLayout, packed_attention, sdpa_attention_forward
+
+    data = examples(tiny_tokenizer, ticket_rows[:6])
+    batch = collate_rows(pack_examples(data, 120, share_prefixes=True), tiny_tokenizer.pad_token_id,
+                         share_prefixes=True)
+    assert batch.shares_prefixes and batch.input_ids.shape[0] > 1
+    layout = PackedLayout.from_table(batch.examples, batch.input_ids.numel())
+    module = lora_tiny.base_model.model.model.layers[0].self_attn
+    rows, length = batch.input_ids.shape
+    config = lora_tiny.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = config.hidden_size // heads
+    torch.manual_seed(0)
+    q = torch.randn(rows, heads, length, dim)
+    k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+    blocks, _ = packed_attention(module, q, k, v, None, **{LAYOUT_KEYWORD: layout})
+    masked, _ = sdpa_attention_forward(module, q, k, v, layout.mask(rows, None))
+    real = batch.input_ids != tiny_tokenizer.pad_token_id
+    assert torch.allclose(blocks[real], masked[real], atol=1e-5)
+
+
+def test_shared_prefixes_stop_before_trained_positions_and_pack_more_examples():
+    from afina.data.packing import IGNORE, shared_prefix
+    from afina.data.tokenize import Example
+
+    def example(ids, prompt):
+        return Example(ids, [i >= prompt for i in range(len(ids))], line=1)
+
+    first = example([1, 2, 3, 4, 5, 6], prompt=4)  # tokens 4 and 5 trained: position 3 predicts the first
+    same_prompt = example([1, 2, 3, 4, 7, 8], prompt=4)
+    assert shared_prefix(first, same_prompt) == 3  # position 3's target is trained: it stays each example's own
+    assert shared_prefix(first, example([1, 2, 9, 4, 5, 6], prompt=4)) == 2
+    assert shared_prefix(first, example([1, 2, 3, 4, 5, 6, 7, 8], prompt=1)) == 0  # trained from its first target
+    rows = pack_examples([first, same_prompt, same_prompt], 12, share_prefixes=True)
+    assert [len(r) for r in rows] == [3]  # 6 + 3 + 3 tokens held
+    assert len(pack_examples([first, same_prompt, same_prompt], 12)) == 2
+    batch = collate_rows(rows, pad_id=0, share_prefixes=True)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 4, 7, 8, 4, 7, 8]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5]]
+    assert batch.targets.tolist() == [[IGNORE, IGNORE, IGNORE, 5, 6, IGNORE, 7, 8, IGNORE, 7, 8, IGNORE]]
+    assert batch.examples.tolist() == [[0, 6, 0, 0], [6, 3, 0, 3], [9, 3, 0, 3]]
+    assert batch.tokens == 18 and batch.trained_tokens == 6  # tokens: the examples', as laid out in full
+
+
+def test_methods_acting_at_example_positions_never_share_prefixes(tiny_model_dir, tiny_tokenizer, ticket_rows):
+    from afina.config.methods import LoreftMethod, PrefixMethod
+    from afina.errors import AfinaError
+    from afina.models.adapters import model_shares_prefixes, shares_prefixes
+
+    assert shares_prefixes(LoraMethod()) and not shares_prefixes(LoreftMethod()) and not shares_prefixes(PrefixMethod())
+    torch.manual_seed(0)
+    loreft = apply_method(load_model(str(tiny_model_dir)), LoreftMethod())
+    assert not model_shares_prefixes(loreft)
+    data = examples(tiny_tokenizer, ticket_rows[:4])
+    batch = collate_rows(pack_examples(data, 4096, share_prefixes=True), tiny_tokenizer.pad_token_id,
+                         share_prefixes=True)
+    with pytest.raises(AfinaError) as error:
+        sft_loss_sum(loreft, batch)
+    assert error.value.code == "shared_prefixes_unsupported"
 
 
 def hidden_targets(model, batch):

@@ -82,7 +82,8 @@ def estimate_table(estimate) -> Table:
     table.add_section()
     table.add_row("examples", f"{data.examples:,}", "training split")
     table.add_row("tokens", f"{data.tokens:,}", f"{data.trained_tokens:,} trained")
-    table.add_row("packed rows", f"{data.rows:,}", f"{data.padding_share:.1%} of computed positions are padding")
+    table.add_row("packed rows", f"{data.rows:,}", f"{data.padding_share:.1%} of computed positions are padding; "
+                  f"{data.shared_share:.1%} of tokens read from a prefix shared in their row")
     table.add_row("optimizer steps", f"{data.total_steps:,}", f"{data.steps_per_epoch:,} per epoch")
     table.add_section()
     notes = {"runtime": "this process before the model loads" if estimate.device == "cpu" else "CUDA context",

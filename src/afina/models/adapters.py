@@ -280,10 +280,12 @@ def is_prompt_learning(model: nn.Module) -> bool:
 def body_and_head(model: nn.Module):
     """The transformer body and the output projection of a causal LM prepared by `apply_method`.
 
-    `body(input_ids=..., position_ids=..., use_cache=False, prompt_mask=None).last_hidden_state` is
+    `body(input_ids=..., position_ids=..., use_cache=False, prompt_mask=None, examples=None).last_hidden_state` is
     aligned with input_ids for every method, packed rows (restarting position ids) included.
     `prompt_mask` (bool, like input_ids: True on prompt tokens) is needed by loreft with
     `positions: prompt_ends` only; see `afina.models.loreft.prompt_mask_from_targets`.
+    `examples` (`Batch.examples`) lays out the packed examples, shared prefixes included; without it
+    examples are read off the position ids.
     """
     hf_model = unwrap(model)
     head = hf_model.get_output_embeddings()
@@ -294,10 +296,30 @@ def body_and_head(model: nn.Module):
 
 def plain_body(body: nn.Module, interventions: LoreftInterventions | None, input_ids: torch.Tensor,
                position_ids: torch.Tensor | None = None, use_cache: bool = False,
-               prompt_mask: torch.Tensor | None = None):
+               prompt_mask: torch.Tensor | None = None, examples: torch.Tensor | None = None):
     if interventions is not None and interventions.enabled:
+        refuse_shared_prefixes(examples, "loreft")
         interventions.set_prompt_mask(prompt_mask)
-    return body(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache, **packed_layout(position_ids))
+    return body(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache,
+                **packed_layout(position_ids, examples))
+
+
+def shares_prefixes(method) -> bool:
+    """Whether rows for this method may share prefixes between examples (`afina.data.packing`): not
+    where the method acts at each example's own positions (LoReFT's prompt positions, the virtual
+    tokens of prefix and prompt tuning)."""
+    return method.name not in ("loreft", "prefix", "prompt")
+
+
+def model_shares_prefixes(model: nn.Module) -> bool:
+    """`shares_prefixes` for a prepared model."""
+    return not is_prompt_learning(model) and getattr(unwrap(model), LOREFT_ATTR, None) is None
+
+
+def refuse_shared_prefixes(examples: torch.Tensor | None, method: str) -> None:
+    if examples is not None and bool((examples[:, 3] > 0).any()):
+        raise AfinaError("shared_prefixes_unsupported", f"{method} needs each example laid out in full, but the "
+                         "batch shares prefixes between examples", hint="collate its rows with share_prefixes off")
 
 
 @dataclass
@@ -320,7 +342,8 @@ def unpack_rows(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> U
 
 
 def prompt_learning_body(peft_model: PeftModel, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                         use_cache: bool = False, prompt_mask: torch.Tensor | None = None) -> BaseModelOutput:
+                         use_cache: bool = False, prompt_mask: torch.Tensor | None = None,
+                         examples: torch.Tensor | None = None) -> BaseModelOutput:
     """prefix / prompt tuning: each packed example runs as its own row behind the virtual tokens,
     exactly as PEFT runs a single example, and the hidden states of the virtual tokens are dropped.
 
@@ -329,7 +352,8 @@ def prompt_learning_body(peft_model: PeftModel, input_ids: torch.Tensor, positio
     """
     body = peft_model.get_base_model().base_model
     if getattr(peft_model, "_adapters_disabled", False):  # inside base_model() / disable_adapter()
-        return plain_body(body, None, input_ids, position_ids, use_cache)
+        return plain_body(body, None, input_ids, position_ids, use_cache, examples=examples)
+    refuse_shared_prefixes(examples, peft_model.active_peft_config.peft_type.lower())
     rows = unpack_rows(input_ids, position_ids)
     count, longest = rows.input_ids.shape
     virtual = peft_model.active_peft_config.num_virtual_tokens

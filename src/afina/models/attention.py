@@ -11,6 +11,11 @@ Models load with attention implementation `afina_packed`. afina's loss functions
 of the rows they feed (`packed_layout`); every other call (generation, a cache, rows with an
 attention mask) goes through transformers' SDPA attention unchanged.
 
+An example may also read a prefix it shares with its row's first example instead of holding it
+(`afina.data.packing`, `Batch.examples`): its block starts with the first example's tokens, whose
+keys and values then serve both, and their gradients add up; the result is that of the examples
+laid out in full.
+
 Small blocks use plain matmul-softmax attention with a hand-written backward; it keeps the
 probabilities (in the compute dtype, as the forward multiplies them into v) where a layer's take at
 most `KEPT_PROBABILITIES_BYTES`, and forms them again from q and k otherwise. Large blocks use SDPA
@@ -29,7 +34,6 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from afina.models.loreft import example_slots
 from afina.training.precision import compute_dtype
 
 IMPLEMENTATION = "afina_packed"
@@ -40,31 +44,84 @@ KEPT_PROBABILITIES_BYTES = 8 * 2**20  # a layer's probabilities up to this are k
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Where the examples of a packed batch lie in its flattened (rows x length) tokens."""
+    """Where the examples of a packed batch lie in its flattened (rows x length) tokens.
 
-    gather: torch.Tensor  # (examples * longest,) token index of each block slot; padding slots read index
-    # `tokens`, one past the last token (a zero row)
+    Block slots read token rows by index; padding slots read row `tokens`, one past the last token
+    (a zero row). An example that shares a prefix (`afina.data.packing`) reads it from the example
+    holding it: those slots are copies, their outputs are dropped and the gradients of their keys
+    and values are added to the tokens they copy."""
+
+    gather: torch.Tensor  # (examples * longest,) the token each block slot reads
+    owned: torch.Tensor  # the same with copied prefix slots reading the zero row: where outputs go back
     valid: torch.Tensor  # the slot of each token, in token order
+    copies: torch.Tensor  # the slots that copy a shared prefix token
+    copied: torch.Tensor  # the token each of them copies
     examples: int
     longest: int
     tokens: int  # rows x length of the batch it was made for
 
     @classmethod
+    def from_table(cls, table: torch.Tensor, tokens: int) -> PackedLayout:
+        """From `Batch.examples`: per example, (start, length, shared prefix start, shared prefix length)."""
+        start, length, prefix, shared = (column[:, None] for column in table.unbind(1))
+        examples, longest = table.shape[0], int((shared + length).max())
+        slot = torch.arange(longest, device=table.device)
+        read = torch.where(slot < shared, prefix + slot, start + slot - shared)
+        own = (slot >= shared) & (slot < shared + length)
+        copy = slot < shared
+        gather = torch.where(own | copy, read, tokens).flatten()
+        owned = torch.where(own, read, tokens).flatten()
+        flat_slot = torch.arange(examples * longest, device=table.device).view(examples, longest)
+        valid = torch.empty(tokens, dtype=torch.long, device=table.device)
+        valid[read[own]] = flat_slot[own]
+        return cls(gather, owned, valid, flat_slot[copy], read[copy], examples, longest, tokens)
+
+    @classmethod
     def from_positions(cls, position_ids: torch.Tensor) -> PackedLayout:
         """Examples split where position ids do not continue by 1, as transformers' packed mask splits them."""
-        rows, length = position_ids.shape
-        example, offset, examples, longest = example_slots(position_ids, rows, length, position_ids.device)
-        valid = (example * longest + offset).flatten()
-        gather = torch.full((examples * longest,), rows * length, dtype=torch.long, device=position_ids.device)
-        gather[valid] = torch.arange(rows * length, device=position_ids.device)
-        return cls(gather, valid, examples, longest, rows * length)
+        return cls.from_table(table_from_positions(position_ids), position_ids.numel())
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return self.copies.numel() > 0
+
+    def mask(self, rows: int, window: int | None) -> torch.Tensor:
+        """(rows, 1, length, length) bool: what each token attends to, shared prefixes included (for
+        SDPA where the blocks cannot run: attention dropout, a sliding window shorter than an example)."""
+        slot = torch.arange(self.longest, device=self.gather.device)
+        seen = slot[None, :] <= slot[:, None]  # causal within a block, by slot
+        if window is not None:
+            seen &= slot[:, None] - slot[None, :] < window
+        queries, keys = self.owned.view(self.examples, self.longest), self.gather.view(self.examples, self.longest)
+        pairs = seen[None] & (queries[:, :, None] < self.tokens) & (keys[:, None, :] < self.tokens)
+        full = torch.zeros(self.tokens, self.tokens, dtype=torch.bool, device=slot.device)
+        full[queries[:, :, None].expand_as(pairs)[pairs], keys[:, None, :].expand_as(pairs)[pairs]] = True
+        length = self.tokens // rows
+        return torch.stack([full[r * length : (r + 1) * length, r * length : (r + 1) * length]
+                            for r in range(rows)])[:, None]
 
 
-def packed_layout(position_ids: torch.Tensor | None) -> dict:
-    """The keyword to pass to the model's forward so attention treats each run of restarting position
-    ids as one example (transformers hands unknown keywords down to the attention function, and
-    gradient checkpointing replays them)."""
-    return {} if position_ids is None else {LAYOUT_KEYWORD: PackedLayout.from_positions(position_ids)}
+def table_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """`Batch.examples` for rows without shared prefixes: runs of position ids continuing by 1."""
+    flat = position_ids.flatten()
+    rows, length = position_ids.shape
+    index = torch.arange(flat.numel(), device=flat.device)
+    begins = (index % length == 0) | (flat != torch.cat([flat.new_full((1,), -2), flat[:-1]]) + 1)
+    starts = index[begins]
+    sizes = torch.diff(starts, append=starts.new_full((1,), flat.numel()))
+    return torch.stack([starts, sizes, starts, torch.zeros_like(starts)], 1)
+
+
+def packed_layout(position_ids: torch.Tensor | None, examples: torch.Tensor | None = None) -> dict:
+    """The keyword to pass to the model's forward so attention treats each example of the rows on its
+    own: as `examples` (`Batch.examples`) lays them out, else each run of restarting position ids
+    (transformers hands unknown keywords down to the attention function, and gradient checkpointing
+    replays them)."""
+    if position_ids is None:
+        return {}
+    if examples is None:
+        return {LAYOUT_KEYWORD: PackedLayout.from_positions(position_ids)}
+    return {LAYOUT_KEYWORD: PackedLayout.from_table(examples, position_ids.numel())}
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -74,6 +131,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     if (layout is None or dropout or kwargs.get("softcap") is not None or not getattr(module, "is_causal", True)
             or query.shape[2] != key.shape[2] or query.shape[0] * query.shape[2] != layout.tokens
             or (window is not None and layout.longest > window)):
+        if layout is not None and layout.shares_prefixes and query.shape[0] * query.shape[2] == layout.tokens:
+            attention_mask = layout.mask(query.shape[0], window)  # transformers' mask would not see shared prefixes
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
@@ -107,12 +166,17 @@ class ToBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, layout: PackedLayout):
         ctx.layout, ctx.shape = layout, states.shape
-        return _blocks(states.transpose(1, 2), layout)
+        return _blocks(states.transpose(1, 2), layout.gather, layout)
 
     @staticmethod
     def backward(ctx, grad):
         batch, heads, length, dim = ctx.shape
-        return _tokens(grad, ctx.layout).view(batch, length, heads, dim).transpose(1, 2), None
+        layout = ctx.layout
+        tokens = _tokens(grad, layout)
+        if layout.shares_prefixes:  # a shared prefix token's keys and values served every example reading it
+            slots = grad.transpose(1, 2).reshape(layout.examples * layout.longest, heads, dim)
+            tokens.index_add_(0, layout.copied, slots.index_select(0, layout.copies))
+        return tokens.view(batch, length, heads, dim).transpose(1, 2), None
 
 
 class FromBlocks(torch.autograd.Function):
@@ -124,18 +188,19 @@ class FromBlocks(torch.autograd.Function):
         return _tokens(blocks, layout).view(batch, layout.tokens // batch, blocks.shape[1], blocks.shape[3])
 
     @staticmethod
-    def backward(ctx, grad):  # padding slots get no gradient: their outputs were dropped
-        return _blocks(grad, ctx.layout), None, None
+    def backward(ctx, grad):  # padding and copied slots get no gradient: their outputs were dropped
+        return _blocks(grad, ctx.layout.owned, ctx.layout), None, None
 
 
-def _blocks(tokens: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-    """(batch, length, heads, dim) tokens, any strides -> (examples, heads, longest, dim) blocks, padding
-    slots zero: the tokens are copied once behind a zero row, then the block slots select their rows."""
+def _blocks(tokens: torch.Tensor, slots: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """(batch, length, heads, dim) tokens, any strides -> (examples, heads, longest, dim) blocks whose
+    slots read the token rows `slots` names (index `tokens`: a zero row): the tokens are copied once
+    behind a zero row, then the block slots select their rows."""
     heads, dim = tokens.shape[2], tokens.shape[3]
     flat = tokens.new_empty(layout.tokens + 1, heads, dim)
     flat[:-1].view(tokens.shape).copy_(tokens)
     flat[-1].zero_()
-    return flat.index_select(0, layout.gather).view(layout.examples, layout.longest, heads, dim).transpose(1, 2)
+    return flat.index_select(0, slots).view(layout.examples, layout.longest, heads, dim).transpose(1, 2)
 
 
 def _tokens(blocks: torch.Tensor, layout: PackedLayout) -> torch.Tensor:

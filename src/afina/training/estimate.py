@@ -41,7 +41,6 @@ from rich.console import Console
 
 from afina.config.loading import merge, parse_overrides, validate_config
 from afina.config.schema import RunConfig, TrainingConfig
-from afina.data.packing import epoch_steps, pack_examples
 from afina.data.tokenize import Example
 from afina.errors import AfinaError
 from afina.models.adapters import apply_method, freezes_base, uses_paged_optimizer
@@ -51,7 +50,7 @@ from afina.training.activations import (MicroBatch, ModelShape, PreparedModel, a
 from afina.training.cost import cost_of, price_per_hour
 from afina.training.loop import rows_per_step, total_steps, train
 from afina.training.precision import resolve_precision
-from afina.training.steps import objective_for
+from afina.training.steps import TokenObjective, objective_for
 
 GiB = 2**30
 CALIBRATION_STEPS = 3  # the first step pays for one-time setup (optimizer state, kernel choice); 2 and 3 are timed
@@ -70,11 +69,11 @@ CACHED_SHAPES = 2  # shapes whose kernels stay cached under the bounded oneDNN c
 TOKEN_OBJECTIVES = ("sft", "cpt")  # packed rows of tokens; preference pairs are laid out differently
 
 
-def micro_batch_shapes(examples: list[Example], training: TrainingConfig) -> int:
+def micro_batch_shapes(examples: list[Example], training: TrainingConfig, objective: TokenObjective) -> int:
     """Distinct (rows, padded length) shapes among the run's micro-batches, counted up to `CACHED_SHAPES`."""
     shapes = set()
-    for step in islice(run_steps(examples, training), total_steps(examples, training)):
-        lengths = [sum(len(e.input_ids) for e in row) for row in step]
+    for step in islice(run_steps(examples, training, objective), total_steps(examples, training, objective)):
+        lengths = [objective.row_tokens(row) for row in step]
         shapes |= {(len(lengths[i : i + training.rows_per_batch]), max(lengths[i : i + training.rows_per_batch]))
                    for i in range(0, len(lengths), training.rows_per_batch)}
         if len(shapes) >= CACHED_SHAPES:
@@ -93,15 +92,16 @@ def shape_cache_bytes(model: PreparedModel, shapes: int) -> int:
     return int(shapes * factor * 2 * sum(i * o for i, o in distinct))
 
 
-def largest_micro_batch(examples: list[Example], training: TrainingConfig) -> MicroBatch:
+def largest_micro_batch(examples: list[Example], training: TrainingConfig, objective: TokenObjective) -> MicroBatch:
     """The largest micro-batch the run will see: rows_per_batch rows (fewer if the data has fewer) of
     the longest packed row, with the most trained positions any micro-batch of the first epoch has and
-    the examples and longest example of the one whose attention blocks are largest."""
-    rows = pack_examples(examples, training.row_length)
-    longest = max((sum(len(e.input_ids) for e in row) for row in rows), default=1)
+    the examples and longest example of the one whose attention blocks are largest (an example's
+    block holds the prefix it shares too)."""
+    rows = objective.items(examples)
+    longest = max((objective.row_tokens(row) for row in rows), default=1)
     count = min(training.rows_per_batch, len(rows)) or 1
     most_trained, blocks = 0, (0, 0)
-    for step in epoch_steps(examples, training.row_length, rows_per_step(training), training.seed, 0):
+    for step in first_epoch(examples, training, objective):
         for start in range(0, len(step), training.rows_per_batch):
             micro = step[start : start + training.rows_per_batch]
             most_trained = max(most_trained, sum(max(0, e.trained_count - e.trained[0]) for row in micro for e in row))
@@ -222,7 +222,8 @@ def plan_memory(config: RunConfig, examples: list[Example], machine: Machine, hf
     precision = resolve_precision(config.training.precision, machine.device)
     dtype = weights_dtype(config.method, precision)
     model = with_quantized_base(prepare_on_meta(hf_config, config.method, dtype), config.method, shape.layers)
-    batch = largest_micro_batch(examples, config.training)
+    objective = objective_for(config)
+    batch = largest_micro_batch(examples, config.training, objective)
     bf16 = precision == "bf16"
     checkpointing = config.method.gradient_checkpointing
     scores = attention_keeps_scores(machine.device, torch.bfloat16 if bf16 else dtype, shape.heads, shape.head_dim)
@@ -234,7 +235,7 @@ def plan_memory(config: RunConfig, examples: list[Example], machine: Machine, hf
     step = model.trainable_bytes if paged else 0
     loading = machine.runtime + model.weight_bytes + (mapped_while_loading(config.model, dtype) if cpu else 0)
     share = CPU_ALLOCATOR_SHARE if cpu else CUDA_ALLOCATOR_SHARE
-    caches = shape_cache_bytes(model, micro_batch_shapes(examples, config.training)) if cpu and bf16 else 0
+    caches = shape_cache_bytes(model, micro_batch_shapes(examples, config.training, objective)) if cpu and bf16 else 0
     memory = Memory(machine.runtime, model.weight_bytes, model.trainable_bytes, optimizer, activations,
                     int(share * activations), step, loading, caches)
     return Plan(memory, batch, model, precision, checkpointing)
@@ -269,6 +270,7 @@ class DataSummary:
     trained_tokens: int
     rows: int  # packed rows of training.row_length
     padding_share: float  # share of the positions a step computes that are padding
+    shared_share: float  # share of the tokens read from a prefix shared in their row, not computed again
     steps_per_epoch: int
     total_steps: int
 
@@ -354,7 +356,7 @@ def check_fits(config: RunConfig, examples: list[Example], capacity: int | None 
     fits = plan.memory.peak <= FIT_HEADROOM * machine.capacity
     estimate = Estimate(config.model, config.method.name, plan.precision, str(machine.device), plan.model.parameters,
                         plan.model.trainable, plan.batch, config.training.gradient_accumulation, plan.checkpointing,
-                        summarize_data(examples, config.training), plan.memory, machine.capacity, fits, fits)
+                        summarize_data(examples, config.training, objective_for(config)), plan.memory, machine.capacity, fits, fits)
     if not fits:
         # where the loop's out-of-memory recovery ends up: one row per micro-batch, checkpointing on
         fallback = variant(config, ["training.rows_per_batch=1"] + checkpointing_override(config))
@@ -420,22 +422,25 @@ def suggest(config: RunConfig, examples: list[Example], machine: Machine, hf_con
     return found
 
 
-def summarize_data(examples: list[Example], training: TrainingConfig) -> DataSummary:
-    rows = pack_examples(examples, training.row_length)
+def summarize_data(examples: list[Example], training: TrainingConfig, objective: TokenObjective) -> DataSummary:
+    epoch = first_epoch(examples, training, objective)
+    rows = [row for step in epoch for row in step]
     tokens = sum(len(e.input_ids) for e in examples)
-    computed = sum(padded_tokens(step, training.rows_per_batch) for step in first_epoch(examples, training))
+    held = sum(objective.row_tokens(row) for row in rows)
+    computed = sum(padded_tokens(step, training.rows_per_batch, objective) for step in epoch)
     return DataSummary(len(examples), tokens, sum(max(0, e.trained_count - e.trained[0]) for e in examples),
-                       len(rows), 1 - tokens / computed if computed else 0.0,
-                       math.ceil(len(rows) / rows_per_step(training)), total_steps(examples, training))
+                       len(rows), 1 - held / computed if computed else 0.0, 1 - held / tokens if tokens else 0.0,
+                       math.ceil(len(rows) / rows_per_step(training)), total_steps(examples, training, objective))
 
 
-def first_epoch(examples: list[Example], training: TrainingConfig) -> list[list[list[Example]]]:
-    return epoch_steps(examples, training.row_length, rows_per_step(training), training.seed, 0)
+def first_epoch(examples: list[Example], training: TrainingConfig,
+                objective: TokenObjective) -> list[list[list[Example]]]:
+    return objective.epoch_steps(examples, training, 0)
 
 
-def padded_tokens(step: list[list[Example]], rows_per_batch: int) -> int:
+def padded_tokens(step: list[list[Example]], rows_per_batch: int, objective: TokenObjective) -> int:
     """Positions a step computes: each micro-batch is padded to its longest row (`collate_rows`)."""
-    lengths = [sum(len(e.input_ids) for e in row) for row in step]
+    lengths = [objective.row_tokens(row) for row in step]
     return sum(len(lengths[i : i + rows_per_batch]) * max(lengths[i : i + rows_per_batch])
                for i in range(0, len(lengths), rows_per_batch))
 
@@ -472,14 +477,16 @@ def calibrate_seconds_per_token(config: RunConfig, examples: list[Example], pad_
             pass
     del model
     gc.collect()
-    timed = list(islice(run_steps(examples, config.training), 1, steps))  # the first step is not timed
-    return (stamps[-1] - stamps[0]) / sum(padded_tokens(step, config.training.rows_per_batch) for step in timed)
+    objective = objective_for(config)
+    timed = list(islice(run_steps(examples, config.training, objective), 1, steps))  # the first step is not timed
+    return (stamps[-1] - stamps[0]) / sum(padded_tokens(step, config.training.rows_per_batch, objective)
+                                          for step in timed)
 
 
-def run_steps(examples: list[Example], training: TrainingConfig) -> Iterator[list]:
+def run_steps(examples: list[Example], training: TrainingConfig, objective: TokenObjective) -> Iterator[list]:
     """The optimizer steps the loop takes, epoch after epoch, without end (take what is needed)."""
     for epoch in itertools.count():
-        steps = epoch_steps(examples, training.row_length, rows_per_step(training), training.seed, epoch)
+        steps = objective.epoch_steps(examples, training, epoch)
         if not steps:
             return
         yield from steps
@@ -513,8 +520,9 @@ def estimate_time(config: RunConfig, examples: list[Example], pad_id: int, estim
                   calibrate: bool = True) -> TimeEstimate:
     """Seconds per epoch and in all, with their cost: calibrated on this machine, or from the table."""
     hourly = price_per_hour(config.training.machine, config.training.price_per_hour)
-    epoch_tokens = sum(padded_tokens(step, config.training.rows_per_batch)
-                       for step in first_epoch(examples, config.training))
+    objective = objective_for(config)
+    epoch_tokens = sum(padded_tokens(step, config.training.rows_per_batch, objective)
+                       for step in first_epoch(examples, config.training, objective))
     seconds_per_token, source = None, "unknown: no throughput figure for this device (calibrate instead)"
     if calibrate and not estimate.fits:
         source = "not calibrated: the run does not fit (calibrate a setting that does)"

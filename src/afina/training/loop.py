@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from afina.config.schema import TrainingConfig
-from afina.models.adapters import make_optimizer, trainable_parameters
+from afina.models.adapters import make_optimizer, model_shares_prefixes, trainable_parameters
 from afina.errors import AfinaError
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
 from afina.training.loss import sft_loss_sum  # noqa: F401  (the sft objective calls it through this module)
@@ -77,7 +77,7 @@ def evaluate_loss(model, examples: list, row_length: int, rows_per_batch: int, p
     and the count it is averaged over. Out of memory halves the items per batch and retries, down to one."""
     was_training = model.training
     model.eval()
-    objective = objective or token_objective(row_length)
+    objective = objective or token_objective(row_length, model_shares_prefixes(model))
     total, count = 0.0, 0
     items = objective.items(examples)
     device = next(model.parameters()).device
@@ -144,7 +144,7 @@ def train(model, train_examples: list, validation_examples: list, config: Traini
     good ones). `after_step` is called after every optimizer step (tests use it to inject signals).
     """
     console = console or Console()
-    objective = objective or token_objective(config.row_length)
+    objective = objective or token_objective(config.row_length, model_shares_prefixes(model))
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
     autocast = autocast_for(resolve_precision(config.precision, accelerator.device), accelerator.device)

@@ -29,7 +29,8 @@ def sft_loss_sum(model, batch: Batch) -> torch.Tensor:
     """
     body, head = body_and_head(model)
     hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                  prompt_mask=prompt_mask_from_targets(batch.targets, batch.position_ids)).last_hidden_state
+                  prompt_mask=prompt_mask_from_targets(batch.targets, batch.position_ids),
+                  examples=batch.examples).last_hidden_state
     mask = batch.targets != IGNORE
     return chunked_cross_entropy_sum(hidden[mask], batch.targets[mask], head)
 

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from afina.config.schema import ObjectiveConfig, RunConfig, TrainingConfig
-from afina.data.packing import Batch, collate_rows, epoch_steps, pack_examples
+from afina.data.packing import Batch, collate_rows, epoch_steps, pack_examples, row_sizes
 from afina.data.preference import (KtoBatch, SequenceBatch, collate_kto, collate_pairs, collate_sequences,
                                    mismatched_completions)
 from afina.errors import AfinaError
-from afina.models.adapters import base_model, body_and_head, freezes_base, unwrap
+from afina.models.adapters import base_model, body_and_head, freezes_base, shares_prefixes, unwrap
 from afina.training.objectives import (dpo_loss, kto_kl_estimate, kto_loss, last_token_hidden, orpo_loss,
                                        reward_loss, sequence_logps)
 
@@ -55,20 +55,28 @@ def shuffled_steps(items: Sequence, per_step: int, seed: int, epoch: int) -> lis
 
 @dataclass(frozen=True)
 class TokenObjective:
-    """sft and cpt: summed cross-entropy of the trained tokens of packed rows, per trained token."""
+    """sft and cpt: summed cross-entropy of the trained tokens of packed rows, per trained token.
+    With `share_prefixes` (every method but those acting at each example's own positions), examples
+    read the prefix they share with their row's first example instead of holding it
+    (`afina.data.packing`): a row holds more examples for the same positions computed."""
 
     config: ObjectiveConfig
     row_length: int
     max_length: int
+    share_prefixes: bool = True
 
     def items(self, units: list) -> list:
-        return pack_examples(units, self.row_length)
+        return pack_examples(units, self.row_length, self.share_prefixes)
 
     def epoch_steps(self, units: list, training: TrainingConfig, epoch: int) -> list[list]:
-        return epoch_steps(units, self.row_length, rows_per_step(training), training.seed, epoch)
+        return epoch_steps(units, self.row_length, rows_per_step(training), training.seed, epoch, self.share_prefixes)
 
     def collate(self, items: list, pad_id: int) -> Batch:
-        return collate_rows(items, pad_id)
+        return collate_rows(items, pad_id, share_prefixes=self.share_prefixes)
+
+    def row_tokens(self, row: list) -> int:
+        """Positions a packed row computes."""
+        return sum(row_sizes(row, self.share_prefixes))
 
     def count(self, batch: Batch) -> int:
         return batch.trained_tokens
@@ -179,12 +187,15 @@ OBJECTIVES = {"sft": TokenObjective, "cpt": TokenObjective, "dpo": DpoObjective,
 
 def objective_for(config: RunConfig):
     """The objective a run minimizes, with its micro-batch shapes (row and example lengths)."""
-    return OBJECTIVES[config.objective.name](config.objective, config.training.row_length, config.data.max_length)
+    objective = OBJECTIVES[config.objective.name](config.objective, config.training.row_length, config.data.max_length)
+    if isinstance(objective, TokenObjective):
+        return replace(objective, share_prefixes=shares_prefixes(config.method))
+    return objective
 
 
-def token_objective(row_length: int) -> TokenObjective:
+def token_objective(row_length: int, share_prefixes: bool = True) -> TokenObjective:
     """Plain SFT over packed rows of `row_length` tokens: what `train` and `evaluate_loss` default to."""
-    return TokenObjective(ObjectiveConfig(), row_length, row_length)
+    return TokenObjective(ObjectiveConfig(), row_length, row_length, share_prefixes)
 
 
 def check_objective_supported(config: RunConfig) -> None:
