@@ -1,7 +1,7 @@
 """Where a training micro-batch's memory goes: saved activations, the heap around them, peak RSS.
 
     python benchmarks/activation_memory.py             # afina's micro-batches: one packed row each
-    python benchmarks/activation_memory.py --rows 2    # afina_wide's: a step's two rows in one
+    python benchmarks/activation_memory.py --rows 2    # two of afina's rows in one micro-batch
     python benchmarks/activation_memory.py --model path/to/tiny --micro-batches 2   # smoke run
 
 Builds the model as `train_speed.py`'s afina and runs forward and backward over consecutive packed
@@ -60,7 +60,7 @@ def main() -> None:
     from train_speed import afina_in_training, afina_row_length, peak_rss_mib
 
     examples, tokenizer, model, bf16 = afina_in_training(args.model)
-    rows = pack_examples(examples, afina_row_length(examples))
+    rows = pack_examples(examples, afina_row_length(examples), share_prefixes=True)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, tuple[int, tuple, torch.dtype]] = {}
 
@@ -72,7 +72,8 @@ def main() -> None:
 
     print(f"loaded: {rss_mib():,.0f} MiB resident")
     for index in range(args.micro_batches):
-        batch = collate_rows(rows[index * args.rows : (index + 1) * args.rows], tokenizer.pad_token_id)
+        batch = collate_rows(rows[index * args.rows : (index + 1) * args.rows], tokenizer.pad_token_id,
+                             share_prefixes=True)
         watch = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t) if index == 0 else contextlib.nullcontext()
         with watch, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = sft_loss_sum(model, batch)

@@ -4,7 +4,7 @@
     python benchmarks/dropout_masks.py --model path/to/tiny --steps 2   # smoke run
 
 Trains the default model with LoRA r=16 on every linear layer at the given dropout, as `afina train`
-does (2 packed rows per optimizer step, accumulated, bf16 where the CPU has it), and alternates
+does (one packed row per optimizer step, shared prefixes read once, bf16 where the CPU has it), and alternates
 optimizer steps between the two ways of drawing each layer's keep mask: PyTorch's `bernoulli_` (one
 Mersenne Twister draw per element, what `nn.Dropout` does on a CPU) and afina's `keep_mask` (four
 16-bit uniforms per 64-bit draw). Alternating steps of one model puts the machine's drift on both
@@ -45,7 +45,7 @@ def main() -> None:
 
     def step(rows, masks) -> float:
         fused_lora.keep_mask = masks
-        micro = [collate_rows([row], tokenizer.pad_token_id) for row in rows]
+        micro = [collate_rows([row], tokenizer.pad_token_id, share_prefixes=True) for row in rows]
         trained = sum(b.trained_tokens for b in micro)
         started = time.perf_counter()
         for batch in micro:
@@ -56,7 +56,7 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return sum(b.tokens for b in micro) / (time.perf_counter() - started)
 
-    steps = epoch_steps(examples, row_length, ROWS_PER_STEP, 0, 0)
+    steps = epoch_steps(examples, row_length, ROWS_PER_STEP, 0, 0, share_prefixes=True)
     speeds: dict[str, list[float]] = {"bernoulli_": [], "afina": []}
     for index, rows in enumerate(steps[: args.steps + 1]):
         order = [("bernoulli_", fused_lora.bernoulli_mask), ("afina", afina_masks)]

@@ -28,6 +28,8 @@ free of the machine's drift between minutes.
   +fused_adamw     PyTorch's fused AdamW (one kernel for all parameters) instead of its per-parameter loop
   +allocator       the process under the allocator the `afina` command starts under (tcmalloc where
                    installed, afina.training.allocator) instead of glibc's malloc
+  +shared_prefixes the step's 8 examples in one row again, each after the first reading the prefix
+                   (system prompt) it shares with the first instead of holding it (afina.data.packing)
   +compile         torch.compile of the decoder (measured; afina leaves it off if it does not pay)
   threads=1        afina's default on one thread instead of all cores
 """
@@ -46,8 +48,8 @@ from pathlib import Path
 
 LEVERS = ["plain", "+packing", "+trained_logits", "+bf16_autocast", "+bf16_weights", "+short_rows", "+fused_lora",
           "+packed_attention", "+fused_layers", "+fused_cross_entropy", "+kept_probabilities", "+fused_adamw",
-          "+allocator", "+compile"]
-DEFAULT = "+allocator"  # the last lever afina keeps on
+          "+allocator", "+shared_prefixes", "+compile"]
+DEFAULT = "+shared_prefixes"  # the last lever afina keeps on
 EXAMPLES_PER_STEP = 8
 
 
@@ -89,7 +91,7 @@ def worker(job: dict) -> dict:
             if isinstance(module, FusedLoraLinear):
                 module.__class__ = PeftLoraLinear
     if not flags["packed_attention"]:  # transformers' SDPA under the block-diagonal mask
-        adapters.packed_layout = lambda position_ids: {}
+        adapters.packed_layout = lambda position_ids, examples=None: {}
     if not flags["fused_layers"]:  # transformers' RMSNorm and SwiGLU modules
         for module in model.modules():
             if is_fused(module):
@@ -108,7 +110,9 @@ def worker(job: dict) -> dict:
     groups = [examples[i : i + EXAMPLES_PER_STEP] for i in range(0, len(examples), EXAMPLES_PER_STEP)]
     steps = []
     for group in groups[: job["steps"] + 1]:
-        if flags["short_rows"]:
+        if flags["shared_prefixes"]:
+            steps.append([collate_rows([group], pad, share_prefixes=True)])
+        elif flags["short_rows"]:
             steps.append([collate_rows([row], pad) for row in pack_examples(group, 384)])
         elif flags["packing"]:
             steps.append([collate_rows([[e for e in group]], pad)])

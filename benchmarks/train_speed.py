@@ -5,17 +5,19 @@
 
 Systems, all LoRA r=16 alpha=32 dropout=0 on every linear layer, AdamW at lr 2e-4, about 8 examples
 per optimizer step, fp32 weights:
-  afina        afina's loop as `afina train` runs it: packed short rows accumulated, loss only at
-               trained positions, bf16 autocast and a bf16 frozen base where the CPU has native bf16,
-               under the allocator the `afina` command starts under (tcmalloc where installed)
-  afina_wide   the same with a step's rows in one micro-batch: faster, more activation memory (speed only)
+  afina        afina's loop as `afina train` runs it: a step's examples packed into one row, the
+               examples after the row's first reading the prefix (system prompt) they share with it
+               instead of holding it, loss only at trained positions, bf16 autocast and a bf16 frozen
+               base where the CPU has native bf16, under the allocator the `afina` command starts
+               under (tcmalloc where installed)
+  afina_unshared  the same with every example held in full (speed only): what sharing prefixes gains
   trl_default  SFTTrainer with the settings a user would typically leave alone (its defaults)
   trl_best     the fastest SFTTrainer variant that runs here, chosen by measuring each variant; the
                variants include wrapped packing under the allocator afina runs under (`+allocator`),
                which speeds TRL up too
 
 Each measurement runs in a fresh process so peak resident memory is its own. Speed runs go in
-lockstep pairs: afina and one other system (afina_wide, TRL's defaults, each TRL variant) load side
+lockstep pairs: afina and one other system (afina_unshared, TRL's defaults, each TRL variant) load side
 by side, then take turns, one optimizer step at a time, so a machine whose speed drifts from minute
 to minute slows both alike; neither tears down until both have finished their steps (a worker's exit
 beside the other's last timed step once slowed that step), and the first turn alternates between
@@ -25,8 +27,7 @@ system's own steps, median of `--repeats` rounds in which every pair runs once (
 setting with the fastest median); afina's ratio to each system is the median of its ratios within a
 pair. `--control` adds afina_again, afina paired with itself, whose ratio shows what the pairs
 resolve; `--control-env KEY=VALUE` sets environment variables in afina_again's process only, so a
-setting such as an allocator option is measured against afina as it is; `--wide-env KEY=VALUE` does the
-same for afina_wide (a setting that could bring its memory down, weighed against its speed). A TRL
+setting such as an allocator option is measured against afina as it is. A TRL
 variant named with `+allocator` (`--variants defaults+allocator` is TRL's defaults) runs under the
 allocator afina runs under. Each worker records the allocator it ran under. Then
 each system trains one epoch alone and its validation loss on assistant tokens is computed by the
@@ -53,7 +54,7 @@ from afina.training.allocator import allocator_environment, running_allocator
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 LEARNING_RATE = 2e-4
 EXAMPLES_PER_STEP = 8
-ROWS_PER_STEP = 2
+ROWS_PER_STEP = 1  # afina's default: one packed row per optimizer step
 TRL_VARIANTS = {  # changes to SFTConfig's defaults (bf16 autocast, gradient checkpointing, padded batches)
     "no_checkpointing": {"gradient_checkpointing": False},
     "no_checkpointing+completion_only": {"gradient_checkpointing": False, "prompt_completion": True},
@@ -96,9 +97,15 @@ def validation_loss(model, validation_examples, tokenizer) -> float:
     return loss
 
 
-def afina_row_length(examples: list) -> int:
-    """Rows that hold a step's EXAMPLES_PER_STEP examples in ROWS_PER_STEP rows, on average."""
-    return int(sum(len(e.input_ids) for e in examples) / len(examples) * EXAMPLES_PER_STEP / ROWS_PER_STEP)
+def afina_row_length(examples: list, share_prefixes: bool = True) -> int:
+    """Rows that hold a step's EXAMPLES_PER_STEP examples in ROWS_PER_STEP rows, on average: with shared
+    prefixes, the examples after a row's first hold only what follows the prefix they share with it."""
+    from afina.data.packing import shared_prefix
+
+    mean = sum(len(e.input_ids) for e in examples) / len(examples)
+    shared = statistics.mean(shared_prefix(examples[0], e) for e in examples[1:]) if share_prefixes else 0
+    per_row = EXAMPLES_PER_STEP / ROWS_PER_STEP
+    return int(mean + (per_row - 1) * (mean - shared))
 
 
 def afina_model(model: str, dropout: float = LORA["dropout"]):
@@ -178,19 +185,20 @@ def run_afina(job: dict) -> dict:
 
     from afina.config.schema import TrainingConfig
     from afina.training.loop import train
+    from afina.training.steps import token_objective
 
     records, examples, validation, tokenizer = load_data(job["model"], job["epoch_fraction"])
-    # afina's defaults: a step's ~8 examples packed into 2 rows, accumulated; LoRA weights and optimizer in fp32
-    row_length = afina_row_length(examples)
+    # afina's defaults: a step's ~8 examples packed into one row; LoRA weights and optimizer in fp32
+    share = job.get("share_prefixes", True)  # afina_unshared: every example held in full
+    row_length = afina_row_length(examples, share)
     model, _ = afina_model(job["model"])
     epoch = job["mode"] == "epoch"
     timed = math.inf if epoch else job["warmup"] + job["steps"]
     # a speed run trains one more step, after its timed ones: `train` checkpoints after its last step, a
     # cost paid once per run (the epoch's wall time includes it) that TRL's runs (save_strategy "no") skip
     steps = None if epoch else timed + 1
-    rows = job.get("rows_per_batch", 1)  # afina_wide: the step's rows in one micro-batch (faster, more memory)
-    config = TrainingConfig(max_steps=steps, epochs=1, row_length=row_length, rows_per_batch=rows,
-                            gradient_accumulation=ROWS_PER_STEP // rows,
+    config = TrainingConfig(max_steps=steps, epochs=1, row_length=row_length, rows_per_batch=1,
+                            gradient_accumulation=ROWS_PER_STEP,
                             learning_rate=LEARNING_RATE, warmup_ratio=0.0, eval_every=10**9, save_every=10**9,
                             keep_checkpoints=1, schedule="linear")
     turns = Turns(job.get("fifos"))
@@ -198,11 +206,13 @@ def run_afina(job: dict) -> dict:
         turns.ready()
         started = time.perf_counter()
         train(model, examples, [], config, Path(run_dir), tokenizer.pad_token_id, Console(quiet=True),
-              after_step=lambda step: turns.finish(more=step < timed) if step <= timed else None)
+              after_step=lambda step: turns.finish(more=step < timed) if step <= timed else None,
+              objective=token_objective(row_length, share))
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
-    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(rows), **worker_settings()}
+    result = {"wall_seconds": wall, "peak_rss_mib": peak_rss_mib(), "steps": len(rows), "row_length": row_length,
+              **worker_settings()}
     if epoch:
         result["validation_loss"] = validation_loss(model, validation, tokenizer)
     else:
@@ -380,8 +390,6 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="also pair afina with itself (afina_again)")
     parser.add_argument("--control-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for afina_again's process only (implies --control)")
-    parser.add_argument("--wide-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment for afina_wide's process only")
     parser.add_argument("--out", default="results/train_speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -393,7 +401,7 @@ def main() -> None:
         args.repeats, args.steps, args.epoch_fraction = 1, 2, 0.05
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": args.epoch_fraction}
     systems = {"afina": {"system": "afina"},
-               "afina_wide": {"system": "afina", "rows_per_batch": ROWS_PER_STEP, "env": environment(args.wide_env)},
+               "afina_unshared": {"system": "afina", "share_prefixes": False},
                "trl_default": {"system": "trl", "variant": "defaults", "env": TRL_ENV}}
     if args.control or args.control_env:
         systems["afina_again"] = {"system": "afina", "env": environment(args.control_env)}
@@ -419,10 +427,10 @@ def main() -> None:
     variants = {"defaults": measured["trl_default"]} | {k[4:]: v for k, v in measured.items() if k.startswith("trl:")}
     ranked = sorted((v["tokens_per_second"], k) for k, v in variants.items() if "tokens_per_second" in v)
     best = ranked[-1][1] if ranked else "defaults"  # TRL at its best: the setting with the fastest median
-    results = {name: measured[name] for name in ("afina", "afina_wide", "afina_again", "trl_default") if name in measured}
-    for name, settings in (("afina_again", args.control_env), ("afina_wide", args.wide_env)):
-        if name in results and settings:
-            results[name]["variant"] = " ".join(settings)
+    results = {name: measured[name] for name in ("afina", "afina_unshared", "afina_again", "trl_default")
+               if name in measured}
+    if "afina_again" in results and args.control_env:
+        results["afina_again"]["variant"] = " ".join(args.control_env)
     if best != "defaults":  # else (c) is (b)
         results["trl_best"] = measured[f"trl:{best}"]
         systems["trl_best"] = systems[f"trl:{best}"]
@@ -455,22 +463,13 @@ def write_report(results: dict, variants: dict, args, out: Path) -> None:
         ratio_m = f"{afina['peak_rss_mib'] / rss:.2f}x" if rss else "-"
         lines.append(f"| {label} | {tps or 0:,.0f} | {rss or 0:,.0f} | {epoch.get('wall_seconds', 0):,.0f} | "
                      f"{epoch.get('validation_loss', float('nan')):.4f} | {ratio_t} | {ratio_m} |")
-    wide = results.get("afina_wide", {})
-    paired = {other: pair_ratios(results, other) for other in ("afina_wide", "afina_again", "trl_default", "trl_best")
-              if other in results}
-    # afina_wide is paired with afina, not with TRL: its ratio to TRL within pairs is afina's ratio times its gain
-    wide_within = (statistics.median(paired["trl_best"]) / statistics.median(paired["afina_wide"])
-                   if paired["trl_best"] and paired["afina_wide"] else None)
+    paired = {other: pair_ratios(results, other)
+              for other in ("afina_unshared", "afina_again", "trl_default", "trl_best") if other in results}
     lines += ["", f"ratio of the medians, afina over the faster TRL setting: {afina['tokens_per_second'] / faster:.2f}x "
               "(afina's median is over its runs in every pair; the ratios within pairs are the ones free of drift)"
               if faster else "", "", "afina tokens/s over each system run in lockstep with it (median of rounds): "
               + ", ".join(f"{k} {statistics.median(v):.2f}x (pairs: {', '.join(f'{r:.2f}' for r in v)})"
-                          for k, v in paired.items() if v), "", f"afina_wide (all {ROWS_PER_STEP} rows of a step in one micro-batch) over the faster TRL "
-              f"setting: {wide['tokens_per_second'] / faster:.2f}x tokens/s (ratio of the medians; afina's ratio to "
-              f"trl_best within pairs times afina_wide's over afina: {wide_within or float('nan'):.2f}x), "
-              f"{wide['peak_rss_mib'] / results['trl_default']['peak_rss_mib']:.2f}x trl_default's memory"
-              if faster and wide.get("tokens_per_second") and results["trl_default"].get("peak_rss_mib") else "",
-              "", "allocators: " + ", ".join(f"{name} {result['runs'][0].get('allocator')}" for name, result in results.items()
+                          for k, v in paired.items() if v), "", "allocators: " + ", ".join(f"{name} {result['runs'][0].get('allocator')}" for name, result in results.items()
                                              if result.get("runs")),
               "", "TRL variants tried for trl_best:", ""]
     lines += [f"- {k}: " + (f"{v['tokens_per_second']:,.0f} tokens/s, {v['peak_rss_mib']:,.0f} MiB (median of "

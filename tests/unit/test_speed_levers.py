@@ -350,12 +350,13 @@ def test_the_allocator_lever_keeps_the_loss_and_gradients(tiny_model_dir):
 
 def test_speed_levers_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path):
     done = run_script(ROOT / "benchmarks" / "speed_levers.py", "--model", tiny_model_dir, "--steps", "1",
-                      "--repeats", "1", "--only", "plain,+packing,+trained_logits,+short_rows,+allocator", "--out",
-                      tmp_path)
+                      "--repeats", "1", "--only", "plain,+packing,+trained_logits,+short_rows,+allocator,"
+                      "+shared_prefixes", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert all(results[name].get("tokens_per_second", 0) > 0 for name in ("plain", "+packing", "+trained_logits",
-                                                                           "+short_rows", "+allocator")), results
+                                                                           "+short_rows", "+allocator",
+                                                                           "+shared_prefixes")), results
     # every lever before the allocator runs under glibc's malloc; that one under the afina command's allocator
     assert results["+short_rows"]["allocator"] == "glibc"
     assert results["+allocator"]["allocator"] == command_allocator()
@@ -396,12 +397,11 @@ def test_compile_layers_benchmark_runs_on_a_tiny_model(tiny_model_dir):
 def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
     pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
     done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
-                      "fp32,no_checkpointing+packing+allocator", "--control-env", "LD_PRELOAD=", "--wide-env",
-                      "ONEDNN_PRIMITIVE_CACHE_CAPACITY=32", "--out", tmp_path)
+                      "fp32,no_checkpointing+packing+allocator", "--control-env", "LD_PRELOAD=", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results.json").read_text())
     results = report["results"]
-    assert {"afina", "afina_wide", "afina_again", "trl_default", "trl_best"} <= set(results)
+    assert {"afina", "afina_unshared", "afina_again", "trl_default", "trl_best"} <= set(results)
     assert results["afina_again"]["variant"] == "LD_PRELOAD="
     # afina runs under the allocator the afina command starts under; an empty LD_PRELOAD means glibc's malloc
     expected = command_allocator()
@@ -413,20 +413,18 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
         {running_allocator()}
     assert variants["no_checkpointing+packing+allocator"]["runs"][0]["allocator"] == expected
     assert "allocators: afina " in (tmp_path / "results.md").read_text()
-    assert results["afina_wide"]["tokens_per_second"] > 0
-    # --wide-env reaches afina_wide's process, and only it
-    assert results["afina_wide"]["variant"] == "ONEDNN_PRIMITIVE_CACHE_CAPACITY=32"
-    assert results["afina_wide"]["runs"][0]["onednn_cache_capacity"] == "32"
-    assert results["afina_again"]["runs"][0]["onednn_cache_capacity"] == "64"
+    assert results["afina_unshared"]["tokens_per_second"] > 0
+    # one packed row per step: sharing prefixes, afina's rows are shorter than afina_unshared's for the same examples
+    assert results["afina"]["runs"][0]["row_length"] < results["afina_unshared"]["runs"][0]["row_length"]
     for name in ("afina", "trl_default", "trl_best"):
         assert results[name]["tokens_per_second"] > 0 and results[name]["peak_rss_mib"] > 0, results[name]
         assert results[name]["epoch"]["validation_loss"] > 0
     assert (tmp_path / "chart.png").stat().st_size > 0
     report_md = (tmp_path / "results.md").read_text()
     assert "afina / system" in report_md and "run in lockstep with it" in report_md
-    # afina runs once beside each other system (afina_wide, itself, TRL's defaults, two variants), in alternating steps
+    # afina runs once beside each other system (afina_unshared, itself, TRL's defaults, two variants), in alternating steps
     assert len(results["afina"]["runs"]) == 5
-    assert all(len(results[name]["runs"]) == 1 for name in ("afina_wide", "afina_again", "trl_default"))
+    assert all(len(results[name]["runs"]) == 1 for name in ("afina_unshared", "afina_again", "trl_default"))
     assert results["trl_default"]["runs"][0]["afina_tokens_per_second"] > 0
     # TRL runs with oneDNN's own kernel-cache bound, as its users do, not the one importing afina sets
     assert results["trl_default"]["runs"][0]["onednn_cache_capacity"] == "1024"
