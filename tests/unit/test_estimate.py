@@ -99,17 +99,18 @@ def test_layer_formula_equals_what_autograd_saves(name, method, dtype, bf16):
                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 
     rows, length = 2, 24
-    measured = saved_bytes(hf_config(2), method, dtype, bf16, rows, length) - \
-        saved_bytes(hf_config(1), method, dtype, bf16, rows, length)
     config = hf_config(2)
     shape = ModelShape.from_config(config)
     scores = attention_keeps_scores(CPU, torch.bfloat16 if bf16 else dtype, shape.heads, shape.head_dim)
-    batch = MicroBatch(rows, length, 8, examples=2 * rows, longest=length // 2)
-    predicted = layer_activation_bytes(shape, prepare_on_meta(config, method, dtype), batch, bf16, scores)
-    assert predicted == measured
+    for shared in (0, 4):  # the second example of each row reading the first's first 4 tokens, or not
+        measured = saved_bytes(hf_config(2), method, dtype, bf16, rows, length, shared) - \
+            saved_bytes(hf_config(1), method, dtype, bf16, rows, length, shared)
+        batch = MicroBatch(rows, length, 8, examples=2 * rows, longest=(length + shared) // 2, copied=rows * shared)
+        predicted = layer_activation_bytes(shape, prepare_on_meta(config, method, dtype), batch, bf16, scores)
+        assert predicted == measured, shared
 
 
-def saved_bytes(config, method, dtype, bf16, rows, length) -> int:
+def saved_bytes(config, method, dtype, bf16, rows, length, shared=0) -> int:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -125,11 +126,16 @@ def saved_bytes(config, method, dtype, bf16, rows, length) -> int:
         return tensor
 
     body, _ = body_and_head(model)
-    half = length // 2  # two examples per row: position ids restart, as in packed rows
-    positions = torch.cat([torch.arange(half), torch.arange(length - half)]).expand(rows, -1)
+    # two examples per row, position ids restarting as in packed rows; blocks of one length (the formula
+    # does not count block padding)
+    half = (length + shared) // 2
+    positions = torch.cat([torch.arange(half), torch.arange(shared, shared + length - half)]).expand(rows, -1)
+    # `Batch.examples`: per example (start, length, shared prefix start, shared prefix length)
+    table = torch.tensor([[r * length, half, r * length, 0] for r in range(rows)]
+                         + [[r * length + half, length - half, r * length, shared] for r in range(rows)])
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        body(input_ids=torch.randint(0, 64, (rows, length)), position_ids=positions)
+        body(input_ids=torch.randint(0, 64, (rows, length)), position_ids=positions, examples=table)
     return sum(kept.values())
 
 

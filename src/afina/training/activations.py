@@ -190,6 +190,7 @@ class MicroBatch:
     trained_tokens: int
     examples: int = 0  # packed examples in the micro-batch whose attention blocks are largest (0: one per row)
     longest: int = 0  # that micro-batch's longest example (0: the row length)
+    copied: int = 0  # shared prefix tokens its attention blocks copy (`afina.data.packing`)
 
     @property
     def tokens(self) -> int:
@@ -225,7 +226,8 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
                    stream's dtype) and their inverse RMS (2 x 4) with afina's fused norm; else upcast to
                    fp32 (2 x hidden x 4) with the rsqrt, and the normalized outputs when the weights train
         attention  afina's packed attention: q, k and v gathered into per-example blocks
-                   ((heads + 2 kv_heads) x head_dim x c; block padding is not counted), and once per
+                   ((heads + 2 kv_heads) x head_dim x c, also for each shared prefix token copied into
+                   a block that reads it; block padding is not counted), and once per
                    layer the probabilities (examples x heads x longest^2 x c) where its matmul kernel
                    keeps them; with blocks too large for that kernel SDPA keeps the output and the
                    log-sum-exp (heads x 4) too. Prefix / prompt tuning run SDPA with a mask instead: q, k, v and the
@@ -252,6 +254,7 @@ def layer_activation_bytes(shape: ModelShape, model: PreparedModel, batch: Micro
     per_layer = 0
     if model.packed_attention:
         per_token += (shape.heads + 2 * shape.kv_heads) * shape.head_dim * c
+        per_layer += batch.copied * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * c  # the blocks' copies
         examples, longest = batch.attention_blocks
         output_kept = not uses_matmul_kernel(examples, shape.heads, longest)  # else SDPA keeps it
         per_token += (heads_dim * c + shape.heads * 4) if output_kept else 0

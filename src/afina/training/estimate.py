@@ -100,13 +100,14 @@ def largest_micro_batch(examples: list[Example], training: TrainingConfig, objec
     rows = objective.items(examples)
     longest = max((objective.row_tokens(row) for row in rows), default=1)
     count = min(training.rows_per_batch, len(rows)) or 1
-    most_trained, blocks = 0, (0, 0)
+    most_trained, blocks = 0, (0, 0, 0)
     for step in first_epoch(examples, training, objective):
         for start in range(0, len(step), training.rows_per_batch):
             micro = step[start : start + training.rows_per_batch]
             most_trained = max(most_trained, sum(max(0, e.trained_count - e.trained[0]) for row in micro for e in row))
-            micro_blocks = (sum(len(row) for row in micro), max(len(e.input_ids) for row in micro for e in row))
-            blocks = max(blocks, micro_blocks, key=lambda b: b[0] * b[1] ** 2)
+            copied = sum(len(e.input_ids) for row in micro for e in row) - sum(objective.row_tokens(r) for r in micro)
+            micro_blocks = (sum(len(row) for row in micro), max(len(e.input_ids) for row in micro for e in row), copied)
+            blocks = max(blocks, micro_blocks, key=lambda b: (b[0] * b[1] ** 2, b[2]))
     return MicroBatch(count, longest, most_trained, *blocks)
 
 
