@@ -130,7 +130,10 @@ def collate_rows(rows: list[list[Example]], pad_id: int, length: int = 0, share_
             r_ids.extend(example.input_ids[shared:])
             r_pos.extend(range(shared, len(example.input_ids)))
             r_tgt.extend(example_targets(example)[shared:])
-        ids.append(r_ids), positions.append(r_pos), targets.append(r_tgt), layouts.append(layout)
+        ids.append(r_ids)
+        positions.append(r_pos)
+        targets.append(r_tgt)
+        layouts.append(layout)
     length = max(length, *(len(r) for r in ids))
     tokens = sum(len(e.input_ids) for row in rows for e in row)
     table = []
