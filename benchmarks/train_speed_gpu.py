@@ -214,9 +214,10 @@ def afina_steps(groups: list, seq_len: int, flatten: bool, device) -> list[list]
         if flatten:
             # transformers runs flash-attention varlen from position ids only for batch size 1
             # (`_is_packed_sequence`); with several rows it would attend causally across examples.
-            # Rows restart positions per example, so laying them end to end changes nothing else.
+            # Rows restart positions per example, so laying them end to end changes nothing else (the
+            # examples table already counts tokens end to end).
             batch = Batch(batch.input_ids.reshape(1, -1), batch.position_ids.reshape(1, -1),
-                          batch.targets.reshape(1, -1), batch.trained_tokens, batch.tokens)
+                          batch.targets.reshape(1, -1), batch.trained_tokens, batch.tokens, batch.examples)
         steps.append([batch.to(device)])
     return steps
 

@@ -40,3 +40,22 @@ def test_without_cuda_it_stops_with_a_message(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "--device cpu is only for the smoke run" in done.stderr
+
+
+def test_flattened_rows_keep_each_examples_layout():
+    """With flash-attention the GPU benchmark lays a step's rows end to end in one row: the examples
+    table still places every example where its tokens are, as the restarting position ids do."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from train_speed_gpu import afina_steps
+
+    from afina.data.tokenize import Example
+    from afina.models.attention import PackedLayout
+
+    group = [Example(list(range(5, 5 + n)), [i > 2 for i in range(n)], line=1) for n in (7, 9, 5, 11)]
+    (flat,), = afina_steps([group], 16, True, torch.device("cpu"))
+    assert flat.input_ids.shape[0] == 1
+    from_table = PackedLayout.from_table(flat.examples, flat.input_ids.numel())
+    from_positions = PackedLayout.from_positions(flat.position_ids)
+    assert torch.equal(from_table.gather, from_positions.gather) and torch.equal(from_table.valid, from_positions.valid)
