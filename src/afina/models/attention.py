@@ -34,6 +34,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from afina.models.loreft import example_slots
 from afina.training.precision import compute_dtype
 
 IMPLEMENTATION = "afina_packed"
@@ -102,13 +103,11 @@ class PackedLayout:
 
 
 def table_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """`Batch.examples` for rows without shared prefixes: runs of position ids continuing by 1."""
-    flat = position_ids.flatten()
-    rows, length = position_ids.shape
-    index = torch.arange(flat.numel(), device=flat.device)
-    begins = (index % length == 0) | (flat != torch.cat([flat.new_full((1,), -2), flat[:-1]]) + 1)
-    starts = index[begins]
-    sizes = torch.diff(starts, append=starts.new_full((1,), flat.numel()))
+    """`Batch.examples` for rows without shared prefixes: an example starts where its offset is 0
+    (`example_slots`: wherever the position id does not continue the previous one by 1)."""
+    _, offset, _, _ = example_slots(position_ids, *position_ids.shape, position_ids.device)
+    starts = (offset.flatten() == 0).nonzero().squeeze(1)
+    sizes = torch.diff(starts, append=starts.new_full((1,), position_ids.numel()))
     return torch.stack([starts, sizes, starts, torch.zeros_like(starts)], 1)
 
 
