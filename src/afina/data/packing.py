@@ -59,9 +59,13 @@ def shared_prefix(first: Example, example: Example) -> int:
     """How many leading tokens `example` can read from `first` (its row's first example) instead of
     holding them: their common prefix, cut before the first position whose target either of them
     trains, so no shared position carries a loss. At least one token of `example` stays its own."""
-    limit = min(untrained_lead(first), untrained_lead(example))
+    return common_prefix(first.input_ids, example.input_ids, min(untrained_lead(first), untrained_lead(example)))
+
+
+def common_prefix(first: list[int], other: list[int], limit: int) -> int:
+    """How many leading tokens the two share, up to `limit`."""
     count = 0
-    while count < limit and first.input_ids[count] == example.input_ids[count]:
+    while count < limit and first[count] == other[count]:
         count += 1
     return count
 
@@ -109,10 +113,13 @@ def pack_examples(examples: list[Example], row_length: int, share_prefixes: bool
     lengths = [len(e.input_ids) for e in examples]
     if not share_prefixes:
         return [[examples[i] for i in row] for row in pack_indices(lengths, row_length)]
-    least = [n - untrained_lead(e) for n, e in zip(lengths, examples)]
+    leads = [untrained_lead(e) for e in examples]  # `shared_prefix`'s limits, once per example
+    least = [n - lead for n, lead in zip(lengths, leads)]
 
     def held(row: list[int], index: int) -> int:
-        return lengths[index] - shared_prefix(examples[row[0]], examples[index])
+        first = row[0]
+        return lengths[index] - common_prefix(examples[first].input_ids, examples[index].input_ids,
+                                              min(leads[first], leads[index]))
 
     return [[examples[i] for i in row] for row in pack_indices(lengths, row_length, least, held)]
 
