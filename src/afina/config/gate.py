@@ -121,8 +121,8 @@ class EmailConfig(Strict):
     starttls: bool = Field(True, description="Upgrade the connection with STARTTLS before logging in or sending.")
     from_: str = Field(alias="from", description="Sender address.")
     to: list[str] = Field(min_length=1, description="Recipient addresses.")
-    username_env: str | None = Field(None, pattern=ENV_NAME,
-                                     description="Environment variable holding the SMTP user name; no login without it.")
+    username_env: str | None = Field(None, pattern=ENV_NAME, description="Environment variable holding the SMTP "
+                                                                         "user name; without it, no login.")
     password_env: str | None = Field(None, pattern=ENV_NAME,
                                      description="Environment variable holding the SMTP password.")
     timeout_seconds: float = Field(10.0, gt=0, description="Time allowed for the SMTP conversation.")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
+import torch
 
 from afina.config.gate import GateConfig, higher_is_better
 from afina.errors import AfinaError
 
-BOOTSTRAP_VALUES_AT_ONCE = 4_000_000  # resampled values held in memory at a time (32 MB of float64)
+BOOTSTRAP_VALUES_AT_ONCE = 4_000_000  # resampled values held in memory at a time (32 MB of float64, as many of indices)
 TOLERANCE = 1e-12  # float sums: a gain of 0.1 computed as 0.09999999999999998 still clears 0.1
 
 
@@ -85,12 +85,13 @@ def decide(gate: GateConfig, base: dict[str, list[float]], tuned: dict[str, list
     base_value, tuned_value = float(base_scores.mean()), float(tuned_scores.mean())
     improvement = float(gains.mean())
     percent = f"{gate.confidence * 100:g}%"
-    binary = bool(np.isin(base_scores, (0.0, 1.0)).all() and np.isin(tuned_scores, (0.0, 1.0)).all())
+    both = torch.cat([base_scores, tuned_scores])
+    binary = bool(((both == 0) | (both == 1)).all())
     method = "mcnemar" if binary else "paired_bootstrap"
     gained, lost = int((gains > 0).sum()), int((gains < 0).sum())
     p_value = mcnemar_exact(lost, gained) if binary else None
     beat = improvement > 0 and improvement >= gate.min_improvement - TOLERANCE
-    if not np.isfinite(gains).all():  # a diverged model scores NaN or infinite losses
+    if not gains.isfinite().all():  # a diverged model scores NaN or infinite losses
         interval, significant = (math.nan, math.nan), False
         reasons = [f"{gate.metric} has non-finite scores (NaN or infinity): the tuned model cannot be judged"]
     else:
@@ -99,7 +100,7 @@ def decide(gate: GateConfig, base: dict[str, list[float]], tuned: dict[str, list
         low, high = interval if better else (-interval[1], -interval[0])  # shown as tuned - base
         test = f"; McNemar p={p_value:.3g}" if binary else ""
         reasons = [f"{gate.metric} {movement(base_value, tuned_value)} ({tuned_value - base_value:+.3f}, {percent} CI "
-                   f"{low:+.3f}..{high:+.3f}{test}; {gains.size} test rows)"]
+                   f"{low:+.3f}..{high:+.3f}{test}; {gains.numel()} test rows)"]
         if improvement <= 0:
             reasons.append(f"tuned did not beat base on {gate.metric} (improvement {improvement:+.3f})")
         elif not beat:
@@ -122,34 +123,34 @@ def decide(gate: GateConfig, base: dict[str, list[float]], tuned: dict[str, list
     passed = (beat and (significant or not gate.require_significant) and all(g.passed for g in guards)
               and (general is None or general.passed))
     return GateDecision(passed, gate.metric, base_value, tuned_value, improvement, interval, gate.confidence,
-                        p_value, method, int(gains.size), guards, general, reasons)
+                        p_value, method, int(gains.numel()), guards, general, reasons)
 
 
 def paired_scores(base: dict[str, list[float]], tuned: dict[str, list[float]], metric: str,
-                  location: str) -> tuple[np.ndarray, np.ndarray]:
+                  location: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-row scores of `metric` for base and tuned; AfinaError when the evaluation has none."""
     measured = sorted(name for name in tuned if len(tuned[name]) and len(base.get(name, ())))
     if metric not in measured:
         raise AfinaError("unknown_gate_metric", f"the evaluation reports no {metric!r} for base and tuned; "
                                                 f"it reports: {', '.join(measured) or 'nothing'}",
                          location=location, hint="name one of the reported metrics")
-    base_scores = np.asarray(base[metric], dtype=np.float64)
-    tuned_scores = np.asarray(tuned[metric], dtype=np.float64)
+    base_scores = torch.tensor(base[metric], dtype=torch.float64)
+    tuned_scores = torch.tensor(tuned[metric], dtype=torch.float64)
     if base_scores.shape != tuned_scores.shape:
-        raise ValueError(f"{metric}: {base_scores.size} base scores but {tuned_scores.size} tuned ones; "
+        raise ValueError(f"{metric}: {base_scores.numel()} base scores but {tuned_scores.numel()} tuned ones; "
                          "both must come from the same test rows")
     return base_scores, tuned_scores
 
 
 def paired_bootstrap_interval(differences, confidence: float, samples: int, seed: int) -> tuple[float, float]:
     """Percentile interval of the mean of `differences`, resampling rows with replacement."""
-    differences = np.asarray(differences, dtype=np.float64)
-    count = differences.size
-    rng = np.random.default_rng(seed)
+    differences = torch.as_tensor(differences, dtype=torch.float64).flatten().cpu()
+    count = differences.numel()
+    generator = torch.Generator().manual_seed(seed)
     at_once = max(1, min(samples, BOOTSTRAP_VALUES_AT_ONCE // count))
-    means = np.concatenate([differences[rng.integers(0, count, size=(min(at_once, samples - start), count))].mean(1)
-                            for start in range(0, samples, at_once)])
-    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    means = torch.cat([differences[torch.randint(count, (min(at_once, samples - start), count), generator=generator)]
+                       .mean(1) for start in range(0, samples, at_once)])
+    low, high = torch.quantile(means, torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64))
     return float(low), float(high)
 
 
