@@ -1,0 +1,18 @@
+"""afina's records: data files, runs and their stages, events, model versions and aliases.
+
+    from afina.store import open_store
+
+    with open_store() as store:        # AFINA_DATABASE_URL, else SQLite at AFINA_HOME/afina.db
+        run = store.get_run("tickets-20261123-101500")
+
+SQLite by default, PostgreSQL when the URL names one; the schema is migrated on first use. Callers
+use `Store`'s methods and get frozen records back (`afina.store.records`); the tables
+(`afina.store.tables`) stay inside this package.
+"""
+
+from afina.store.records import DataFile, Event, Model, Run, RunData, Stage
+from afina.store.store import Store, open_store
+from afina.store.tables import DATA_ROLES, EVENT_LEVELS, MODEL_STATUSES, RUN_STATUSES, STAGE_NAMES, STAGE_STATUSES
+
+__all__ = ["DATA_ROLES", "EVENT_LEVELS", "MODEL_STATUSES", "RUN_STATUSES", "STAGE_NAMES", "STAGE_STATUSES", "DataFile",
+           "Event", "Model", "Run", "RunData", "Stage", "Store", "open_store"]
