@@ -142,6 +142,9 @@ def test_non_finite_scores_fail():
     decision = decide(GateConfig(metric="loss"), {"loss": [1.0, 1.0]}, {"loss": [0.5, math.nan]})
     assert not decision.passed
     assert "non-finite" in decision.reasons[0]
+    diverged_base = decide(GateConfig(metric="loss", require_significant=False), {"loss": [math.inf, 1.0]},
+                           {"loss": [0.5, 0.5]})
+    assert not diverged_base.passed
 
 
 def test_a_metric_the_evaluation_did_not_report_is_an_error_naming_the_reported_ones():

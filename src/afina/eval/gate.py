@@ -90,8 +90,9 @@ def decide(gate: GateConfig, base: dict[str, list[float]], tuned: dict[str, list
     method = "mcnemar" if binary else "paired_bootstrap"
     gained, lost = int((gains > 0).sum()), int((gains < 0).sum())
     p_value = mcnemar_exact(lost, gained) if binary else None
-    beat = improvement > 0 and improvement >= gate.min_improvement - TOLERANCE
-    if not gains.isfinite().all():  # a diverged model scores NaN or infinite losses
+    finite = bool(gains.isfinite().all())  # a diverged model scores NaN or infinite losses
+    beat = finite and improvement > 0 and improvement >= gate.min_improvement - TOLERANCE
+    if not finite:
         interval, significant = (math.nan, math.nan), False
         reasons = [f"{gate.metric} has non-finite scores (NaN or infinity): the tuned model cannot be judged"]
     else:
