@@ -50,7 +50,8 @@ def normalize_row(row: object, line: int) -> tuple[Record | None, list[Problem]]
         return None, [Problem("not_an_object", line, None, f"expected a JSON object, got {type(row).__name__}")]
     fmt = detect_format(row)
     if fmt is None:
-        keys = ", ".join(sorted(map(str, row))) or "none"
+        names = sorted(map(str, row))
+        keys = ", ".join(names[:10]) + (f", ... ({len(names)} keys)" if len(names) > 10 else "") or "none"
         return None, [Problem("unknown_format", line, None,
                               f"no known format has these keys ({keys}); expected messages, prompt/completion, "
                               "instruction/output, conversations, text, prompt/chosen/rejected or "
@@ -104,14 +105,18 @@ def json_type(value: object) -> str:
     """How a JSON value's type reads in an error message (`"yes"` is a string, 1 a number)."""
     if value is None:
         return "null"
-    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__) + f" ({json.dumps(value)[:40]})"
+    try:
+        shown = json.dumps(value, default=repr)[:40]
+    except (ValueError, RecursionError):  # a value that nests itself, or too deep to show
+        shown = "..."
+    return {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__) + f" ({shown})"
 
 
 def _string(row: dict, key: str, line: int, problems: list[Problem]) -> str:
     value = row.get(key)
     if not isinstance(value, str):
-        problems.append(Problem("invalid_field_type", line, key, f"expected a string, got {type(value).__name__}"))
+        problems.append(Problem("invalid_field_type", line, key, f"expected a string, got {json_type(value)}"))
         return ""
     if not value.strip():
         problems.append(Problem("empty_content", line, key, "the field is empty"))
