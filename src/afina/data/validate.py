@@ -51,8 +51,8 @@ def check_file(path: str | Path) -> DataReport:
     seen_keys: set[str] = set()
     for raw in read_rows(path):
         report.rows_read += 1
-        if raw.problem:
-            report.problems.append(Problem(raw.problem[0], raw.line, None, raw.problem[1]))
+        report.problems.extend(raw.problems)
+        if not raw.readable:
             continue
         record, problems = normalize_row(raw.value, raw.line)
         report.problems.extend(problems)
