@@ -61,9 +61,7 @@ def _inspect(path: Path, model: str, max_length: int, skip_invalid: bool) -> Non
     summary.add_row("exact duplicates", str(report.duplicates))
     summary.add_row(f"over {max_length} tokens", str(over))
     if lengths:
-        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
-        summary.add_row("tokens min / median / p95 / max",
-                        f"{min(lengths)} / {int(statistics.median(lengths))} / {int(q[18])} / {max(lengths)}")
+        summary.add_row("tokens min / median / p95 / max", " / ".join(map(str, length_summary(lengths))))
         summary.add_row("tokens total", f"{sum(lengths):,}")
     console.print(summary)
     if report.problems:
@@ -77,7 +75,14 @@ def _inspect(path: Path, model: str, max_length: int, skip_invalid: bool) -> Non
         if len(report.problems) > 50:
             console.print(f"... and {len(report.problems) - 50} more")
     if report.errors and not skip_invalid:
-        raise typer.Exit(2)
+        raise report.first_error(hint="every problem is listed above; --skip-invalid exits 0")
+
+
+def length_summary(lengths: list[int]) -> tuple[int, int, int, int]:
+    """Min, median, 95th percentile and max. The percentile interpolates between the values
+    themselves (the default method extrapolates past the largest when there are few)."""
+    p95 = statistics.quantiles(lengths, n=20, method="inclusive")[18] if len(lengths) > 1 else lengths[0]
+    return min(lengths), int(statistics.median(lengths)), int(p95), max(lengths)
 
 
 @app.command("preview")

@@ -36,12 +36,14 @@ class DataReport:
     def problem_counts(self) -> Counter:
         return Counter(p.code for p in self.problems)
 
-    def first_error(self) -> AfinaError:
+    def first_error(self, hint: str | None = None) -> AfinaError:
+        """The first invalid row as the one error a command ends with; the hint says what to do."""
         errors = self.errors
         first = errors[0]
         more = f"; {len(errors) - 1} more invalid rows" if len(errors) > 1 else ""
-        return AfinaError(first.code, first.message + more, location=first.location(self.path),
-                          hint="run `afina data inspect` for the full report, or use --skip-invalid")
+        hint = hint or (f"run `afina data inspect {self.path}` for the full report, "
+                        "or set data.skip_invalid=true to train on the valid rows")
+        return AfinaError(first.code, first.message + more, location=first.location(self.path), hint=hint)
 
 
 def check_file(path: str | Path) -> DataReport:
