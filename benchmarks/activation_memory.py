@@ -54,7 +54,7 @@ def main() -> None:
     import torch
 
     from afina.data.packing import collate_rows, pack_examples
-    from afina.training.loss import sft_loss_sum
+    from afina.training.losses import sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
     from train_speed import afina_in_training, afina_row_length, peak_rss_mib

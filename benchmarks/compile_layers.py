@@ -43,8 +43,8 @@ def main() -> None:
 
     from afina.data.packing import collate_rows, pack_examples
     from afina.models import attention
-    from afina.models.adapters import unwrap
-    from afina.training.loss import sft_loss_sum
+    from afina.models.methods import unwrap
+    from afina.training.losses import sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
     from train_speed import afina_in_training, afina_row_length

@@ -31,8 +31,9 @@ def main() -> None:
 
     from afina.data.packing import collate_rows, epoch_steps
     from afina.models import fused_lora
-    from afina.models.adapters import make_optimizer, trainable_parameters
-    from afina.training.loss import sft_loss_sum
+    from afina.models.methods import trainable_parameters
+    from afina.training.optimizer import make_optimizer
+    from afina.training.losses import sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
     from train_speed import ROWS_PER_STEP, afina_model, afina_row_length, load_data

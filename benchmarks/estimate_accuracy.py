@@ -47,8 +47,8 @@ def run_config(method: str, rows: int, steps: int | None = None):
 def estimate_worker(method: str, rows: int, steps: int) -> dict:
     """`afina estimate` in this process for the run that is then trained (`steps` steps: memory
     depends on how many micro-batch shapes a run meets): data, memory, calibrated time per epoch."""
-    from afina.pipeline.run import prepare_data, quiet_libraries
-    from afina.training.estimate import estimate_run
+    from afina.pipeline.prepare import prepare_data, quiet_libraries
+    from afina.estimate import estimate_run
 
     quiet_libraries()
     config = run_config(method, rows, steps)
@@ -63,10 +63,11 @@ def train_worker(method: str, rows: int, steps: int) -> dict:
     from rich.console import Console
 
     from afina.data.packing import pack_examples
-    from afina.models.adapters import apply_method
+    from afina.models.methods import apply_method
     from afina.models.loading import load_model
-    from afina.pipeline.run import prepare_data, quiet_libraries, weights_dtype
-    from afina.training.loop import rows_per_step, train
+    from afina.pipeline.prepare import prepare_data, quiet_libraries, weights_dtype
+    from afina.training.loop import train
+    from afina.training.objectives import rows_per_step
 
     quiet_libraries()
     config = run_config(method, rows, steps)

@@ -22,7 +22,7 @@ free of the machine's drift between minutes.
                    a block-diagonal mask (afina.models.attention)
   +fused_layers    RMSNorm and the SwiGLU block as one autograd node each (afina.models.fused_layers)
   +fused_cross_entropy  each chunk's head and cross-entropy gradients computed in forward, no logits
-                   kept or recomputed (afina.training.loss.LinearCrossEntropy)
+                   kept or recomputed (afina.training.losses.LinearCrossEntropy)
   +kept_probabilities  packed attention keeps each layer's probabilities for backward instead of
                    recomputing them from q and k (up to 8 MiB a layer)
   +fused_adamw     PyTorch's fused AdamW (one kernel for all parameters) instead of its per-parameter loop
@@ -67,14 +67,15 @@ def worker(job: dict) -> dict:
 
     from afina.config.methods import LoraMethod
     from afina.data.packing import collate_rows, pack_examples
-    from afina.models import adapters, attention
-    from afina.models.adapters import apply_method, make_optimizer, trainable_parameters
+    from afina.models import attention, methods
+    from afina.models.methods import apply_method, trainable_parameters
+    from afina.training.optimizer import make_optimizer
     from afina.models.fused_layers import is_fused
     from afina.models.fused_lora import FusedLoraLinear
     from afina.models.loading import load_model
-    from afina.training import loss as loss_module
+    from afina.training import losses as loss_module
     from afina.training.allocator import running_allocator
-    from afina.training.loss import plain_loss_sum, sft_loss_sum
+    from afina.training.losses import plain_loss_sum, sft_loss_sum
 
     sys.path.insert(0, str(Path(__file__).parent))
     from train_speed import LORA, load_data
@@ -91,7 +92,7 @@ def worker(job: dict) -> dict:
             if isinstance(module, FusedLoraLinear):
                 module.__class__ = PeftLoraLinear
     if not flags["packed_attention"]:  # transformers' SDPA under the block-diagonal mask
-        adapters.packed_layout = lambda position_ids, examples=None: {}
+        methods.packed_layout = lambda position_ids, examples=None: {}
     if not flags["fused_layers"]:  # transformers' RMSNorm and SwiGLU modules
         for module in model.modules():
             if is_fused(module):

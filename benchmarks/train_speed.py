@@ -78,7 +78,7 @@ def load_data(model: str, epoch_fraction: float):
     from afina.data.tokenize import tokenize_records
     from afina.data.validate import load_records
     from afina.models.loading import load_tokenizer
-    from afina.pipeline.run import quiet_libraries, resolve_data_path
+    from afina.pipeline.prepare import quiet_libraries, resolve_data_path
 
     quiet_libraries()
     records = load_records(resolve_data_path("bundled:tickets")).records
@@ -91,9 +91,10 @@ def load_data(model: str, epoch_fraction: float):
 
 
 def validation_loss(model, validation_examples, tokenizer) -> float:
-    from afina.training.loop import evaluate_loss
+    from afina.eval.loss import evaluate_loss
+    from afina.training.objectives import token_objective
 
-    loss, _ = evaluate_loss(model, validation_examples, 4096, 1, tokenizer.pad_token_id)
+    loss, _ = evaluate_loss(model, validation_examples, token_objective(4096), 1, tokenizer.pad_token_id)
     return loss
 
 
@@ -114,9 +115,9 @@ def afina_model(model: str, dropout: float = LORA["dropout"]):
     import torch
 
     from afina.config.schema import LoraMethod
-    from afina.models.adapters import apply_method
+    from afina.models.methods import apply_method
     from afina.models.loading import load_model
-    from afina.training.precision import resolve_precision
+    from afina.devices import resolve_precision
 
     bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
     torch.manual_seed(0)
@@ -180,12 +181,31 @@ class Turns:
             self.go.read(1)
 
 
+class TurnTaking:
+    """afina's objective, ending each timed step's turn when the next step starts collating its
+    micro-batches (`micro_batches` a step): the end of a step, its optimizer update included."""
+
+    def __init__(self, objective, turns: Turns, timed: float, micro_batches: int):
+        self.objective, self.turns, self.timed, self.micro_batches = objective, turns, timed, micro_batches
+        self.collated = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
+
+    def collate(self, items: list, pad_id: int):
+        step, starts_a_step = divmod(self.collated, self.micro_batches)
+        if starts_a_step == 0 and 0 < step <= self.timed:
+            self.turns.finish(more=step < self.timed)
+        self.collated += 1
+        return self.objective.collate(items, pad_id)
+
+
 def run_afina(job: dict) -> dict:
     from rich.console import Console
 
     from afina.config.schema import TrainingConfig
     from afina.training.loop import train
-    from afina.training.steps import token_objective
+    from afina.training.objectives import token_objective
 
     records, examples, validation, tokenizer = load_data(job["model"], job["epoch_fraction"])
     # afina's defaults: a step's ~8 examples packed into one row; LoRA weights and optimizer in fp32
@@ -205,9 +225,9 @@ def run_afina(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         turns.ready()
         started = time.perf_counter()
+        objective = TurnTaking(token_objective(row_length, share), turns, timed, ROWS_PER_STEP)
         train(model, examples, [], config, Path(run_dir), tokenizer.pad_token_id, Console(quiet=True),
-              after_step=lambda step: turns.finish(more=step < timed) if step <= timed else None,
-              objective=token_objective(row_length, share))
+              objective=objective)
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]

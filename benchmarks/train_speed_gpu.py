@@ -224,7 +224,7 @@ def afina_steps(groups: list, seq_len: int, flatten: bool, device) -> list[list]
 
 def afina_step(model, micro: list, autocast) -> "torch.Tensor":
     """afina's loop body: summed loss over the trained positions divided by the step's trained tokens."""
-    from afina.training.loss import sft_loss_sum
+    from afina.training.losses import sft_loss_sum
 
     step_trained = sum(b.trained_tokens for b in micro)
     total = 0.0
@@ -245,7 +245,7 @@ def packing_check(model, row: list, autocast) -> dict:
 
     from afina.data.packing import collate_rows
     from afina.data.tokenize import Example
-    from afina.models.adapters import body_and_head
+    from afina.models.methods import body_and_head
 
     body, _ = body_and_head(model)
     device = next(model.parameters()).device
@@ -339,7 +339,7 @@ def prepare_system(job: dict, config, groups: list, flash: bool, device) -> tupl
     from peft import LoraConfig, get_peft_model
 
     from afina.config.methods import LoraMethod
-    from afina.models.adapters import apply_method
+    from afina.models.methods import apply_method
 
     model = build_model(config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if job["system"] == "afina":
@@ -381,7 +381,7 @@ def time_steps(model, steps: list, run_step, warmup: int, autocast, device) -> t
 
 def autocast_for_device(device):
     """bf16 autocast on CUDA, as afina's loop does there (precision auto); fp32 on CPU."""
-    from afina.training.precision import autocast_for
+    from afina.devices import autocast_for
 
     return autocast_for("bf16" if device.type == "cuda" else "fp32", device)
 

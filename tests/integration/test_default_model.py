@@ -6,7 +6,7 @@ import pytest
 from rich.console import Console
 
 from afina.config.loading import validate_config
-from afina.pipeline.run import evaluate_run, run_training
+from afina.pipeline.stages import evaluate_run, run_training
 
 pytestmark = pytest.mark.integration
 

@@ -14,16 +14,17 @@ from afina.cli.main import user_errors
 from afina.config.loading import validate_config
 from afina.config.methods import FullMethod, LoraMethod
 from afina.errors import AfinaError
-from afina.models.adapters import apply_method, body_and_head, trainable_parameters
+from afina.models.methods import apply_method, body_and_head, trainable_parameters
 from afina.models.attention import IMPLEMENTATION
 from afina.models.loading import load_model
-from afina.pipeline.run import prepare_data
-from afina.training.activations import (MicroBatch, ModelShape, activation_bytes, attention_keeps_scores,
+from afina.pipeline.prepare import prepare_data
+from afina.estimate import Machine, check_before_launch, check_fits, estimate_run
+from afina.estimate.activations import (MicroBatch, ModelShape, activation_bytes, attention_keeps_scores,
                                         layer_activation_bytes, prepare_on_meta)
-from afina.training.estimate import (CACHED_SHAPES, FIT_HEADROOM, Machine, check_before_launch, check_fits, estimate_run,
-                                     variant)
+from afina.estimate.fit import FIT_HEADROOM, variant
+from afina.estimate.memory import CACHED_SHAPES
 from afina.training.loop import total_steps
-from afina.training.steps import objective_for
+from afina.training.objectives import objective_for
 from tests.conftest import write_jsonl
 
 CPU = torch.device("cpu")
@@ -299,15 +300,15 @@ def test_bf16_on_cpu_counts_the_kernel_caches_of_micro_batch_shapes_up_to_their_
 def test_train_refuses_a_run_that_cannot_fit_before_loading_anything(tiny_model_dir, tmp_path, ticket_rows,
                                                                     afina_home, monkeypatch):
     from afina.cli.main import app
-    from afina.training import estimate
+    from afina.estimate import machine
 
     config = tmp_path / "run.yaml"
     write_jsonl(tmp_path / "tickets.jsonl", ticket_rows)
     config.write_text(f"model: {tiny_model_dir}\ndata: {{path: tickets.jsonl}}\n"
                       "training: {row_length: 128, rows_per_batch: 4}\n")
-    monkeypatch.setattr(estimate, "available_ram", lambda: 0)  # a machine with nothing left to give
+    monkeypatch.setattr(machine, "available_ram", lambda: 0)  # a machine with nothing left to give
     loaded = []
-    monkeypatch.setattr("afina.pipeline.run.load_model", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("afina.pipeline.stages.load_model", lambda *a, **k: loaded.append(a))
     result = CliRunner().invoke(app, ["train", str(config)])
     errors = [line for line in result.output.splitlines() if line.startswith("error[")]
     assert result.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error[does_not_fit]"), result.output

@@ -7,8 +7,8 @@ from peft import LoraConfig, get_peft_model
 
 from afina.data.formats import normalize_row
 from afina.data.preference import collate_kto, collate_pairs, kto_examples, tokenize_preferences
-from afina.training.objectives import (dpo_loss, gather_sequence_logps, kto_kl_estimate, kto_loss, log1mexp,
-                                       orpo_loss, reward_loss, sequence_logps)
+from afina.models.logprobs import gather_sequence_logps, sequence_logps
+from afina.training.losses import dpo_loss, kto_kl_estimate, kto_loss, log1mexp, orpo_loss, reward_loss
 
 
 def log_sigmoid(x: float) -> float:

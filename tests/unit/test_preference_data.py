@@ -8,7 +8,7 @@ from afina.data.preference import (Completion, KtoExample, collate_kto, collate_
                                    kto_examples, mismatched_completions, tokenize_preference, tokenize_preferences)
 from afina.data.tokenize import render_prompt
 from afina.errors import AfinaError
-from afina.training.objectives import last_token_hidden, sequence_logps
+from afina.models.logprobs import last_token_hidden, sequence_logps
 
 
 def record(row, line=1):

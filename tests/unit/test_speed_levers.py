@@ -3,7 +3,6 @@ benchmarks run end to end on a tiny model."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,12 @@ import torch
 
 from afina.config.methods import LoraMethod
 from afina.data.packing import collate_rows, pack_examples
-from afina.models.adapters import apply_method, trainable_parameters
+from afina.models.methods import apply_method, trainable_parameters
 from afina.models.loading import load_model
-from afina.training import loss as loss_module
-from afina.training.allocator import allocator_environment, running_allocator
-from afina.training.loss import plain_loss_sum, sft_loss_sum
-from tests.unit.test_training import examples
+from afina.training import losses as loss_module
+from afina.training.allocator import allocator_environment
+from afina.training.losses import plain_loss_sum, sft_loss_sum
+from tests.training.test_training import examples
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -272,9 +271,9 @@ def test_shared_prefixes_stop_before_trained_positions_and_pack_more_examples():
 def test_methods_acting_at_example_positions_never_share_prefixes(tiny_model_dir, tiny_tokenizer, ticket_rows):
     from afina.config.methods import LoreftMethod, PrefixMethod
     from afina.errors import AfinaError
-    from afina.models.adapters import model_shares_prefixes, shares_prefixes
+    from afina.models.methods import model_shares_prefixes
 
-    assert shares_prefixes(LoraMethod()) and not shares_prefixes(LoreftMethod()) and not shares_prefixes(PrefixMethod())
+    assert LoraMethod().shares_prefixes and not LoreftMethod().shares_prefixes and not PrefixMethod().shares_prefixes
     torch.manual_seed(0)
     loreft = apply_method(load_model(str(tiny_model_dir)), LoreftMethod())
     assert not model_shares_prefixes(loreft)
@@ -288,7 +287,7 @@ def test_methods_acting_at_example_positions_never_share_prefixes(tiny_model_dir
 
 def hidden_targets(model, batch):
     from afina.data.packing import IGNORE
-    from afina.models.adapters import body_and_head
+    from afina.models.methods import body_and_head
 
     body, head = body_and_head(model)
     hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
@@ -325,7 +324,7 @@ import json, os, sys
 sys.path.insert(0, "benchmarks")
 from train_speed import afina_in_training, afina_row_length
 from afina.data.packing import collate_rows, pack_examples
-from afina.training.loss import sft_loss_sum
+from afina.training.losses import sft_loss_sum
 examples, tokenizer, model, _ = afina_in_training(sys.argv[1])
 model = model.float()
 loss = sft_loss_sum(model, collate_rows([pack_examples(examples, afina_row_length(examples))[0]], tokenizer.pad_token_id))
@@ -346,86 +345,3 @@ def test_the_allocator_lever_keeps_the_loss_and_gradients(tiny_model_dir):
     assert runs["allocator"]["allocator"] == allocator_environment()["LD_PRELOAD"]
     assert runs["allocator"]["loss"] == pytest.approx(runs["glibc"]["loss"], rel=1e-4)
     assert runs["glibc"]["grads"] and runs["allocator"]["grads"] == pytest.approx(runs["glibc"]["grads"], rel=1e-4)
-
-
-def test_speed_levers_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path):
-    done = run_script(ROOT / "benchmarks" / "speed_levers.py", "--model", tiny_model_dir, "--steps", "1",
-                      "--repeats", "1", "--only", "plain,+packing,+trained_logits,+short_rows,+allocator,"
-                      "+shared_prefixes", "--out", tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert all(results[name].get("tokens_per_second", 0) > 0 for name in ("plain", "+packing", "+trained_logits",
-                                                                           "+short_rows", "+allocator",
-                                                                           "+shared_prefixes")), results
-    # every lever before the allocator runs under glibc's malloc; that one under the afina command's allocator
-    assert results["+short_rows"]["allocator"] == "glibc"
-    assert results["+allocator"]["allocator"] == command_allocator()
-    assert "| +short_rows |" in (tmp_path / "results.md").read_text()
-
-
-def test_dropout_masks_benchmark_runs_on_a_tiny_model(tiny_model_dir):
-    done = run_script(ROOT / "benchmarks" / "dropout_masks.py", "--model", tiny_model_dir, "--steps", "2")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "bernoulli_ masks:" in done.stdout and "afina / bernoulli_:" in done.stdout
-
-
-def test_micro_batch_cost_benchmark_runs_on_a_tiny_model(tiny_model_dir):
-    done = run_script(ROOT / "benchmarks" / "micro_batch_cost.py", "--model", tiny_model_dir, "--rounds", "2")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert all(f" {4 * size} tokens:" in done.stdout for size in (8, 32, 64, 128)), done.stdout
-    assert "ms per micro-batch +" in done.stdout and "of its time is the fixed part" in done.stdout
-
-
-def test_activation_memory_benchmark_runs_on_a_tiny_model(tiny_model_dir):
-    done = run_script(ROOT / "benchmarks" / "activation_memory.py", "--model", tiny_model_dir, "--rows", "2",
-                      "--micro-batches", "2")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "micro-batch 1 (" in done.stdout and "micro-batch 2 (" in done.stdout, done.stdout
-    per_token = float(done.stdout.split("MiB (")[1].split(" KiB per token")[0])
-    assert per_token > 0, done.stdout  # autograd keeps activations for backward, and the hooks saw them
-
-
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "clang++")), reason="inductor compiles C++ kernels")
-def test_compile_layers_benchmark_runs_on_a_tiny_model(tiny_model_dir):
-    done = run_script(ROOT / "benchmarks" / "compile_layers.py", "--model", tiny_model_dir, "--rounds", "1")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert all(f"  {setting} " in done.stdout for setting in ("eager", "eager_padded", "compiled")), done.stdout
-    drift = float(done.stdout.split("compiled and the eager loss: ")[1].split()[0])
-    assert drift < 5e-2, done.stdout  # the compiled layers compute the same function, up to rounding
-
-
-def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path):
-    pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
-    done = run_script(ROOT / "benchmarks" / "train_speed.py", "--model", tiny_model_dir, "--quick", "--variants",
-                      "fp32,no_checkpointing+packing+allocator", "--control-env", "LD_PRELOAD=", "--out", tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "results.json").read_text())
-    results = report["results"]
-    assert {"afina", "afina_unshared", "afina_again", "trl_default", "trl_best"} <= set(results)
-    assert results["afina_again"]["variant"] == "LD_PRELOAD="
-    # afina runs under the allocator the afina command starts under; an empty LD_PRELOAD means glibc's malloc
-    expected = command_allocator()
-    assert results["afina"]["runs"][0]["allocator"] == expected
-    assert results["afina_again"]["runs"][0]["allocator"] == "glibc"
-    # TRL runs as its users run it, except a variant named +allocator: under afina's allocator
-    variants = report["variants"]
-    assert {run["allocator"] for run in results["trl_default"]["runs"] + variants["fp32"]["runs"]} == \
-        {running_allocator()}
-    assert variants["no_checkpointing+packing+allocator"]["runs"][0]["allocator"] == expected
-    assert "allocators: afina " in (tmp_path / "results.md").read_text()
-    assert results["afina_unshared"]["tokens_per_second"] > 0
-    # one packed row per step: sharing prefixes, afina's rows are shorter than afina_unshared's for the same examples
-    assert results["afina"]["runs"][0]["row_length"] < results["afina_unshared"]["runs"][0]["row_length"]
-    for name in ("afina", "trl_default", "trl_best"):
-        assert results[name]["tokens_per_second"] > 0 and results[name]["peak_rss_mib"] > 0, results[name]
-        assert results[name]["epoch"]["validation_loss"] > 0
-    assert (tmp_path / "chart.png").stat().st_size > 0
-    report_md = (tmp_path / "results.md").read_text()
-    assert "afina / system" in report_md and "run in lockstep with it" in report_md
-    # afina runs once beside each other system (afina_unshared, itself, TRL's defaults, two variants), in alternating steps
-    assert len(results["afina"]["runs"]) == 5
-    assert all(len(results[name]["runs"]) == 1 for name in ("afina_unshared", "afina_again", "trl_default"))
-    assert results["trl_default"]["runs"][0]["afina_tokens_per_second"] > 0
-    # TRL runs with oneDNN's own kernel-cache bound, as its users do, not the one importing afina sets
-    assert results["trl_default"]["runs"][0]["onednn_cache_capacity"] == "1024"
-    assert results["afina"]["runs"][0]["onednn_cache_capacity"] == "64"

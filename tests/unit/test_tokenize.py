@@ -5,7 +5,7 @@ from afina.data.formats import normalize_row
 from afina.data.packing import IGNORE, collate_rows, example_targets, pack_examples
 from afina.data.tokenize import tokenize_record, tokenize_records
 from afina.errors import AfinaError
-from afina.training.loss import sft_loss_sum
+from afina.training.losses import sft_loss_sum
 
 
 def record(row, line=1):

@@ -19,7 +19,7 @@ console = Console()
 
 
 def _errors(command):
-    from afina.cli.main import user_errors
+    from afina.cli.console import user_errors
 
     return user_errors(command)
 
@@ -37,7 +37,7 @@ def inspect_command(
 
 def _inspect(path: Path, model: str, max_length: int, skip_invalid: bool) -> None:
     from afina.models.loading import load_tokenizer
-    from afina.pipeline.run import quiet_libraries
+    from afina.pipeline.prepare import quiet_libraries
 
     report = check_file(path)
     quiet_libraries()
@@ -99,7 +99,7 @@ def preview_command(
 def _preview(path: Path, index: int, model: str, train_on_prompt: bool) -> None:
     from afina.errors import AfinaError
     from afina.models.loading import load_tokenizer
-    from afina.pipeline.run import quiet_libraries
+    from afina.pipeline.prepare import quiet_libraries
 
     report = check_file(path)
     if not 0 <= index < len(report.records):

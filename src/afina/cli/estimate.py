@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from afina.cli.console import console
+
 GIB = 2**30
 
 
@@ -27,10 +29,9 @@ def estimate_command(
     json_output: bool = typer.Option(False, "--json", help="Print the estimate as JSON"),
 ) -> None:
     """Predict peak memory, whether the run fits, time per epoch and cost, before training."""
-    from afina.cli.main import console
     from afina.config import load_config
-    from afina.pipeline.run import prepare_data, quiet_libraries
-    from afina.training.estimate import check_fits, estimate_time
+    from afina.estimate import check_fits, estimate_time
+    from afina.pipeline.prepare import prepare_data, quiet_libraries
 
     run_config = load_config(config, overrides or [])
     quiet_libraries()

@@ -12,7 +12,7 @@ bf16 or quantized (`qlora`, `load_in_8bit`, CUDA only) and compared with the tun
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,10 +22,40 @@ class Strict(BaseModel):
 
 
 class MethodConfig(Strict):
-    """Options every method has."""
+    """Options every method has, and what the method implies for the rest of afina (class variables,
+    not config keys): the one place that says how methods differ."""
+
+    kind: ClassVar[Literal["weights", "peft", "module"]] = "peft"
+    """weights: the base weights themselves are trained (full, freeze); peft: a PEFT adapter beside a
+    frozen base; module: one of afina's own modules beside a frozen base (loreft, adapter)."""
+    shares_prefixes: ClassVar[bool] = True
+    """Whether packed rows may share prefixes between examples (`afina.data.packing`): not where the
+    method acts at each example's own positions (LoReFT's prompt positions, virtual tokens)."""
+    merges: ClassVar[bool] = True
+    """Whether the trained update can be folded into the base weights (`afina merge`)."""
 
     gradient_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in the backward pass: less memory, ~30% slower.")
+
+    @property
+    def freezes_base(self) -> bool:
+        """True when the base weights are frozen (they may then be kept in bf16 or quantized)."""
+        return self.kind != "weights"
+
+    @property
+    def base_bits(self) -> int | None:
+        """Bits per weight of a quantized frozen base (bitsandbytes); None for an unquantized base."""
+        return 8 if getattr(self, "load_in_8bit", False) else None
+
+    @property
+    def needs_cuda(self) -> bool:
+        """A quantized base runs on bitsandbytes kernels, which exist for CUDA only."""
+        return self.base_bits is not None
+
+    @property
+    def uses_paged_optimizer(self) -> bool:
+        """Whether the optimizer is bitsandbytes' paged 8-bit AdamW (qlora's `paged_optimizer`)."""
+        return False
 
 
 class FrozenBaseConfig(MethodConfig):
@@ -49,12 +79,14 @@ class FullMethod(MethodConfig):
     """Every weight is trained (needs fp32 weights and optimizer state for the whole model)."""
 
     name: Literal["full"] = "full"
+    kind: ClassVar = "weights"
 
 
 class FreezeMethod(MethodConfig):
     """The base is frozen except its last decoder layers and chosen modules."""
 
     name: Literal["freeze"] = "freeze"
+    kind: ClassVar = "weights"
     train_last_layers: int = Field(2, ge=0, description="Train the last N decoder layers (0: none).")
     train_modules: list[str] = Field(
         default_factory=list,
@@ -95,6 +127,14 @@ class QloraMethod(MethodConfig, LoraFields):
     paged_optimizer: bool = Field(
         False, description="Paged 8-bit AdamW (bitsandbytes): optimizer state pages to CPU on memory spikes.")
 
+    @property
+    def base_bits(self) -> int | None:
+        return 4
+
+    @property
+    def uses_paged_optimizer(self) -> bool:
+        return self.paged_optimizer
+
 
 class Ia3Method(FrozenBaseConfig):
     """IA3 (Liu et al. 2022): trained vectors that rescale keys, values and feed-forward activations."""
@@ -119,6 +159,8 @@ class PrefixMethod(FrozenBaseConfig):
     """Prefix tuning (Li & Liang 2021): trained keys and values that every layer attends to first."""
 
     name: Literal["prefix"] = "prefix"
+    shares_prefixes: ClassVar = False
+    merges: ClassVar = False
     num_virtual_tokens: int = Field(20, ge=1, description="Trained key/value positions per layer.")
     projection: bool = Field(False, description="Produce the prefix through a trained MLP (steadier training).")
     projection_size: int = Field(512, ge=1, description="Hidden size of that MLP.")
@@ -137,6 +179,8 @@ class PromptMethod(FrozenBaseConfig):
     """Prompt tuning (Lester et al. 2021): trained embeddings placed before every input."""
 
     name: Literal["prompt"] = "prompt"
+    shares_prefixes: ClassVar = False
+    merges: ClassVar = False
     num_virtual_tokens: int = Field(20, ge=1, description="Trained embeddings put before each example.")
     init: Literal["sample_vocab", "random", "text"] = Field(
         "sample_vocab", description="Start from embeddings of random vocabulary tokens, random vectors, or init_text.")
@@ -153,6 +197,9 @@ class LoreftMethod(FrozenBaseConfig):
     """LoReFT (Wu et al. 2024): h + R^T(W h + b - R h) on the hidden states of chosen layers and positions."""
 
     name: Literal["loreft"] = "loreft"
+    kind: ClassVar = "module"
+    shares_prefixes: ClassVar = False
+    merges: ClassVar = False
     r: int = Field(4, ge=1, description="Rank of the intervened subspace (rows of R).")
     layers: list[int] | Literal["all"] = Field("all", description="Decoder layers whose output is intervened on.")
     positions: Literal["prompt_ends", "all"] = Field(
@@ -173,6 +220,8 @@ class AdapterMethod(FrozenBaseConfig):
     """Bottleneck adapters (Houlsby et al. 2019) after the attention and MLP blocks of each decoder layer."""
 
     name: Literal["adapter"] = "adapter"
+    kind: ClassVar = "module"
+    merges: ClassVar = False
     bottleneck: int = Field(64, ge=1, description="Width of the down-projection.")
     activation: Literal["relu", "gelu", "silu"] = Field("relu", description="Nonlinearity between the projections.")
     layers: list[int] | Literal["all"] = Field("all", description="Decoder layers that get adapters.")

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from afina.config.gate import GateConfig, NotifyConfig
 from afina.config.methods import LoraMethod, Method, Strict
 
 
@@ -100,15 +101,6 @@ class ObjectiveConfig(Strict):
             raise ValueError(f"not used by objective {self.name}: {'; '.join(misplaced)}")
         return self
 
-    @property
-    def uses_reference(self) -> bool:
-        """dpo and kto compare the trained model with its frozen base, the reference model."""
-        return self.name in ("dpo", "kto")
-
-    @property
-    def on_preferences(self) -> bool:
-        return self.name in ("dpo", "orpo", "kto", "reward")
-
 
 class TaskConfig(Strict):
     path: str = Field(description="This task's data file, relative to the config file, or `bundled:tickets`.")
@@ -163,6 +155,10 @@ class RunConfig(Strict):
                                                                "on its own; replaces data.path.")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    gate: GateConfig = Field(default_factory=GateConfig, description="When `afina run` keeps the tuned model: "
+                                                                     "the metric it must beat its base on, beyond noise.")
+    notify: NotifyConfig = Field(default_factory=NotifyConfig, description="Who hears of a run's decision "
+                                                                           "(`afina run`).")
 
     @model_validator(mode="after")
     def _one_source_of_data(self) -> "RunConfig":

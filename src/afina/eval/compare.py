@@ -10,22 +10,26 @@ from afina.config.schema import EvalConfig
 from afina.data.records import Record
 from afina.data.tokenize import Example
 from afina.eval.generation import generate_answers
-from afina.eval.metrics import score_generations
-from afina.training.loop import evaluate_loss
+from afina.eval.metrics import per_example_scores, score_generations
+from afina.eval.loss import evaluate_loss
 
 
 def evaluate_model(model, tokenizer, records: list[Record], examples: list[Example], config: EvalConfig,
-                   row_length: int, on_batch=None) -> dict:
-    """Loss and perplexity on the test examples, then generation metrics on their prompts."""
-    loss, tokens = evaluate_loss(model, examples, row_length, 1, tokenizer.pad_token_id)
+                   objective, on_batch=None) -> dict:
+    """Loss and perplexity on the test examples (the token `objective`'s), then generation metrics on
+    their prompts."""
+    loss, tokens = evaluate_loss(model, examples, objective, 1, tokenizer.pad_token_id)
+    per_example = {"loss": [evaluate_loss(model, [example], objective, 1, tokenizer.pad_token_id)[0]
+                            for example in examples]}
     if not any(r.reference_answer() for r in records):  # raw text (continued pretraining): nothing to answer
         return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "predictions": [],
-                "references": []}
+                "references": [], "per_example": per_example}
     references = [r.reference_answer() or "" for r in records]
     predictions = generate_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size, on_batch)
     scores = score_generations(predictions, references)
+    per_example.update(per_example_scores(predictions, references))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, **scores,
-            "predictions": predictions, "references": references}
+            "predictions": predictions, "references": references, "per_example": per_example}
 
 
 METRIC_ROWS = [("loss", "test loss", False), ("perplexity", "perplexity", False),

@@ -54,3 +54,23 @@ def score_generations(predictions: list[str], references: list[str]) -> dict:
 
 def _mean(values: list) -> float:
     return sum(float(v) for v in values) / len(values) if values else 0.0
+
+
+def per_example_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Each metric's score per test row, in row order: what the gate compares pair by pair.
+
+    JSON metrics cover the rows whose reference is a JSON object (the same rows for base and tuned);
+    `field:<key>` the rows whose reference has that key; `field_accuracy_mean` is a row's share of
+    its reference's fields answered right."""
+    scores: dict[str, list[float]] = {
+        "exact_match": [float(p.strip() == r.strip()) for p, r in zip(predictions, references)],
+        "rouge_l": [rouge_l(p, r) for p, r in zip(predictions, references)]}
+    pairs = [(parse_json_object(p), parse_json_object(r)) for p, r in zip(predictions, references)]
+    json_pairs = [(p, r) for p, r in pairs if r is not None]
+    if json_pairs:
+        scores["json_valid"] = [float(p is not None) for p, _ in json_pairs]
+        scores["field_accuracy_mean"] = [_mean([p is not None and p.get(k) == v for k, v in r.items()])
+                                         for p, r in json_pairs]
+        for key in sorted({key for _, r in json_pairs for key in r}):
+            scores[f"field:{key}"] = [float(p is not None and p.get(key) == r[key]) for p, r in json_pairs if key in r]
+    return scores

@@ -7,23 +7,24 @@ reference: the implicit reward margin beta * ((log pi - log ref)(chosen) - (log 
 positive when tuning moved probability towards the chosen answer (`reward_accuracy`, TRL's
 rewards/accuracies). A reward model's `preference_accuracy` uses its scores instead; its base, which
 has no reward head, is measured by log-probabilities. Generation metrics compare greedy answers with
-the chosen (or desirable) answer.
+the chosen (or desirable) answer. Each objective adds its own loss to these
+(`afina.training.objectives`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 
-from afina.config.schema import RunConfig
+from afina.config.schema import EvalConfig
 from afina.data.preference import collate_pairs, collate_sequences, mismatched_completions, tokenize_preferences
 from afina.data.records import Record
 from afina.eval.generation import generate_answers
-from afina.eval.metrics import score_generations
-from afina.training.objectives import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, reward_loss, sequence_logps
-from afina.training.steps import reward_scores
+from afina.eval.metrics import per_example_scores, score_generations
+from afina.models.logprobs import reward_scores, sequence_logps
 
 
 @torch.no_grad()
@@ -60,63 +61,59 @@ def completion_measures(model, examples: list, row_length: int, pad_id: int, max
             "desirable": torch.tensor([e.desirable for e in examples], dtype=torch.bool)}
 
 
-def evaluate_preferences(model, base_scope: Callable[[], AbstractContextManager], tokenizer, records: list[Record],
-                         units: list, config: RunConfig) -> tuple[dict, dict]:
-    """(base, tuned) metrics of a preference run. `base_scope()` yields the base model (the tuned
-    model with its additions off, or a second copy); `units` are the test split tokenized for the
-    objective (pairs, or KTO examples)."""
-    objective, name = config.objective, config.objective.name
-    row_length, pad_id, size = config.training.row_length, tokenizer.pad_token_id, config.eval.batch_size
+@dataclass
+class PreferenceMeasures:
+    """What `measure_preferences` measured of the base and the tuned model, for the objectives' own metrics."""
+
+    pairs: int
+    base_pairs: dict | None = None  # chosen, rejected, chosen_tokens, rejected_tokens (score for the tuned reward model)
+    tuned_pairs: dict | None = None
+    base_completions: dict | None = None  # logps, mismatched, desirable (KTO completions)
+    tuned_completions: dict | None = None
+
+
+def measure_preferences(model, base_scope: Callable[[], AbstractContextManager], tokenizer, records: list[Record],
+                        units: list, config: EvalConfig, row_length: int, max_length: int, scores: bool = False,
+                        completions: bool = False, generate: bool = True) -> tuple[dict, dict, PreferenceMeasures]:
+    """(base, tuned) metrics common to the preference objectives, and the measures behind them.
+
+    `base_scope()` yields the base model (the tuned model with its additions off, or a second copy).
+    Pairs give preference accuracy and log-prob margins; `scores` also reads the tuned model's reward
+    scores, `completions` measures `units` as KTO examples, `generate` scores greedy answers."""
+    pad_id, size = tokenizer.pad_token_id, config.batch_size
     pair_records = [r for r in records if r.kind == "preference"]
-    pairs = tokenize_preferences(pair_records, tokenizer, config.data.max_length) if pair_records else []
+    pairs = tokenize_preferences(pair_records, tokenizer, max_length) if pair_records else []
+    measures = PreferenceMeasures(len(pairs))
     with base_scope() as base_view:
-        base_pairs = pair_measures(base_view, pairs, row_length, pad_id, size) if pairs else None
-        base_kto = (completion_measures(base_view, units, row_length, pad_id, config.data.max_length, size)
-                    if name == "kto" else None)
         base = {"examples": len(records)}
-        if name != "reward":  # a reward model answers with scores, not text
+        if pairs:
+            measures.base_pairs = pair_measures(base_view, pairs, row_length, pad_id, size)
+        if completions:
+            measures.base_completions = completion_measures(base_view, units, row_length, pad_id, max_length, size)
+        if generate:
             base.update(generation_metrics(base_view, tokenizer, records, config))
-    tuned_pairs = pair_measures(model, pairs, row_length, pad_id, size, scores=name == "reward") if pairs else None
-    tuned_kto = (completion_measures(model, units, row_length, pad_id, config.data.max_length, size)
-                 if name == "kto" else None)
     tuned = {"examples": len(records)}
-    if name != "reward":
+    if pairs:
+        measures.tuned_pairs = pair_measures(model, pairs, row_length, pad_id, size, scores=scores)
+    if completions:
+        measures.tuned_completions = completion_measures(model, units, row_length, pad_id, max_length, size)
+    if generate:
         tuned.update(generation_metrics(model, tokenizer, records, config))
-    if base_pairs is not None:
-        base.update(margin_metrics(base_pairs["chosen"], base_pairs["rejected"]), pairs=len(pairs))
-        tuned.update(margin_metrics(tuned_pairs["chosen"], tuned_pairs["rejected"]), pairs=len(pairs))
-        if name in ("dpo", "orpo", "kto"):
-            implicit = objective.beta * ((tuned_pairs["chosen"] - base_pairs["chosen"])
-                                         - (tuned_pairs["rejected"] - base_pairs["rejected"]))
-            tuned.update(reward_accuracy=share(implicit > 0), reward_margin=float(implicit.mean()))
-    count = len(pairs)
-    if name == "dpo":
-        base["loss"] = float(dpo_loss(base_pairs["chosen"], base_pairs["rejected"], base_pairs["chosen"],
-                                      base_pairs["rejected"], objective.beta, objective.label_smoothing)[0]) / count
-        tuned["loss"] = float(dpo_loss(tuned_pairs["chosen"], tuned_pairs["rejected"], base_pairs["chosen"],
-                                       base_pairs["rejected"], objective.beta, objective.label_smoothing)[0]) / count
-    elif name == "orpo":
-        for result, measured in ((base, base_pairs), (tuned, tuned_pairs)):
-            means = [measured[k] / measured[f"{k}_tokens"].clamp(min=1) for k in ("chosen", "rejected")]
-            result["loss"] = float(orpo_loss(*means, beta=objective.beta)[0]) / count
-    elif name == "reward":
-        chosen, rejected = tuned_pairs["score"].chunk(2)
-        margin = torch.full_like(chosen, objective.margin) if objective.margin else None
-        tuned.update(loss=float(reward_loss(chosen, rejected, margin, objective.center_coefficient)) / count,
-                     preference_accuracy=share(chosen > rejected), score_margin=float((chosen - rejected).mean()),
-                     accuracy_from="reward scores")
-        base["accuracy_from"] = "log-prob margin (the base has no reward head)"
-    elif name == "kto":
-        for result, measured in ((base, base_kto), (tuned, tuned_kto)):
-            kl = kto_kl_estimate(measured["mismatched"], base_kto["mismatched"])
-            result["loss"] = float(kto_loss(measured["logps"], base_kto["logps"], measured["desirable"], kl,
-                                            objective.beta, objective.desirable_weight,
-                                            objective.undesirable_weight)[0]) / len(units)
-        rewards = objective.beta * (tuned_kto["logps"] - base_kto["logps"])
-        desirable = tuned_kto["desirable"]
-        tuned.update(completion_reward_accuracy=share(torch.where(desirable, rewards > 0, rewards < 0)),
-                     completions=len(units))
-    return base, tuned
+    if pairs:
+        for result, measured in ((base, measures.base_pairs), (tuned, measures.tuned_pairs)):
+            margin = measured["chosen"] - measured["rejected"]
+            result.update(margin_metrics(measured["chosen"], measured["rejected"]), pairs=len(pairs))
+            result.setdefault("per_example", {}).update(preference_accuracy=(margin > 0).float().tolist(),
+                                                        logp_margin=margin.tolist())
+    return base, tuned, measures
+
+
+def implicit_reward_metrics(measures: PreferenceMeasures, beta: float) -> dict:
+    """The tuned model against its base as reference: beta * ((log pi - log ref)(chosen) - (...)(rejected))
+    per pair, positive when tuning moved probability towards the chosen answer."""
+    base, tuned = measures.base_pairs, measures.tuned_pairs
+    implicit = beta * ((tuned["chosen"] - base["chosen"]) - (tuned["rejected"] - base["rejected"]))
+    return {"reward_accuracy": share(implicit > 0), "reward_margin": float(implicit.mean())}
 
 
 def margin_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
@@ -124,16 +121,17 @@ def margin_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     return {"preference_accuracy": share(margin > 0), "logp_margin": float(margin.mean())}
 
 
-def generation_metrics(model, tokenizer, records: list[Record], config: RunConfig) -> dict:
+def generation_metrics(model, tokenizer, records: list[Record], config: EvalConfig) -> dict:
     """Greedy answers scored against the chosen (or desirable) answer of each record that has one."""
     answered = [r for r in records if r.reference_answer()]
     if not answered:
         return {}
-    predictions = generate_answers(model, tokenizer, answered, config.eval.max_new_tokens, config.eval.batch_size)
+    predictions = generate_answers(model, tokenizer, answered, config.max_new_tokens, config.batch_size)
     references = [r.reference_answer() for r in answered]
     scores = score_generations(predictions, references)
     scores["generated"] = scores.pop("examples")
-    return {**scores, "predictions": predictions, "references": references}
+    return {**scores, "predictions": predictions, "references": references,
+            "per_example": per_example_scores(predictions, references)}
 
 
 def share(flags: torch.Tensor) -> float:

@@ -28,23 +28,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from afina.config.methods import AnyMethod, Method
+from afina.config.methods import AnyMethod, FreezeMethod, Method
 from afina.errors import AfinaError
-from afina.models.adapters import (PEFT_CONFIGS, TRAINS_BASE, attach_modules, attached_module, freeze_targets,
+from afina.models.methods import (attach_modules, attached_module, freeze_targets,
                                    is_quantized, repair_prompt_learning_generation, unwrap)
 
 METHOD_FILE = "afina_method.json"
 WEIGHTS_FILE = "trained.safetensors"
-NOT_MERGEABLE = ("prefix", "prompt", "loreft", "adapter")
 
 
 def save_trained(model: nn.Module, method: AnyMethod, directory: str | Path) -> Path:
     """Write what `method` trained in `model` to `directory` (created if missing)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if method.name in PEFT_CONFIGS:
+    if method.kind == "peft":
         model.save_pretrained(directory)  # PEFT writes the adapter only, in safetensors
-    elif method.name in TRAINS_BASE:
+    elif method.kind == "weights":
         save_file(cpu_tensors(trained_base_parameters(unwrap(model), method)), directory / WEIGHTS_FILE)
     else:
         save_file(cpu_tensors(attached_module(model).state_dict()), directory / WEIGHTS_FILE)
@@ -55,7 +54,7 @@ def save_trained(model: nn.Module, method: AnyMethod, directory: str | Path) -> 
 
 def trained_base_parameters(model: PreTrainedModel, method: AnyMethod) -> dict[str, torch.Tensor]:
     """full: every parameter; freeze: those it unfroze. Named as in the model (tied weights once)."""
-    if method.name == "full":
+    if not isinstance(method, FreezeMethod):  # full
         return dict(model.named_parameters())
     chosen = {id(p) for p in freeze_targets(model, method)}
     return {name: p for name, p in model.named_parameters() if id(p) in chosen}
@@ -87,10 +86,10 @@ def load_trained(base_model: PreTrainedModel, directory: str | Path) -> nn.Modul
     """
     directory = Path(directory)
     method = read_method(directory)
-    if method is None or method.name in PEFT_CONFIGS:
+    if method is None or method.kind == "peft":
         model = PeftModel.from_pretrained(base_model, directory)
         repair_prompt_learning_generation(model)
-    elif method.name in TRAINS_BASE:
+    elif method.kind == "weights":
         copy_into_parameters(base_model, read_weights(base_model, directory), directory)
         model = base_model
     else:
@@ -122,11 +121,11 @@ def merge_trained(model: nn.Module, method: AnyMethod) -> PreTrainedModel:
     freeze already are plain models. prefix, prompt, loreft and adapter act on activations, not
     weights, and raise AfinaError `not_mergeable`.
     """
-    if method.name in NOT_MERGEABLE:
+    if not method.merges:
         raise AfinaError("not_mergeable", f"{method.name} changes activations, not weights, so it cannot be folded "
                          "into the base model", location="method",
                          hint="serve the base model with the trained weights loaded (load_trained)")
-    if method.name in TRAINS_BASE:
+    if method.kind == "weights":
         return unwrap(model)
     if is_quantized(model):
         raise AfinaError("not_mergeable", "merging into a quantized base would round the merged weights",

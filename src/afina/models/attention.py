@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from afina.models.loreft import example_slots
-from afina.training.precision import compute_dtype
+from afina.devices import compute_dtype
 
 IMPLEMENTATION = "afina_packed"
 LAYOUT_KEYWORD = "afina_packed_layout"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from afina.training.precision import compute_dtype
+from afina.devices import compute_dtype
 
 
 class FusedLoraLinear(PeftLoraLinear):

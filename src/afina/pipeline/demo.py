@@ -9,7 +9,8 @@ from afina.eval.compare import examples_table
 from afina.paths import models_cache_dir
 from afina.models.artifacts import merge_trained
 from afina.models.loading import load_tokenizer
-from afina.pipeline.run import evaluate_run, load_tuned_model, read_split, run_training
+from afina.pipeline.run_dir import read_split
+from afina.pipeline.stages import evaluate_run, load_tuned_model, run_training
 
 
 def run_demo(config: RunConfig, console: Console) -> dict:

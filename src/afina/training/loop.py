@@ -8,22 +8,20 @@
         every eval_every steps: validation loss (the objective's);  every save_every steps: atomic checkpoint
         a signal, the time or cost budget, early stopping: checkpoint and stop
 
-What an objective groups, collates and minimizes is in `afina.training.steps`.
+What an objective groups, collates and minimizes is in `afina.training.objectives`.
 The batches of an epoch are a pure function of (examples, seed, epoch), and checkpoints hold the
-position inside the epoch, the optimizer, the schedule and the RNG state, so a resumed run takes
-exactly the steps an uninterrupted run would have taken.
+position inside the epoch (`TrainState`), the optimizer, the schedule and the RNG state, so a
+resumed run takes exactly the steps an uninterrupted run would have taken.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -32,17 +30,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from afina.config.schema import TrainingConfig
-from afina.models.adapters import make_optimizer, model_shares_prefixes, trainable_parameters
+from afina.devices import autocast_for, free_memory, is_out_of_memory, resolve_precision
 from afina.errors import AfinaError
+from afina.eval.loss import evaluate_loss
+from afina.models.methods import model_shares_prefixes, trainable_parameters
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
-from afina.training.loss import sft_loss_sum  # noqa: F401  (the sft objective calls it through this module)
 from afina.training.cost import cost_of, price_per_hour
-from afina.training.memory import (MicroBatching, checkpointing_enabled, free_memory, is_out_of_memory,
-                                   set_gradient_checkpointing)
 from afina.training.metrics import MetricsLog, plot_loss_curves
-from afina.training.precision import autocast_for, resolve_precision
+from afina.training.objectives import rows_per_step, token_objective
+from afina.training.oom import MicroBatching, checkpointing_enabled, set_gradient_checkpointing
+from afina.training.optimizer import make_optimizer
 from afina.training.schedule import make_scheduler
-from afina.training.steps import rows_per_step, token_objective  # rows_per_step: re-exported for estimate.py
 
 
 @dataclass
@@ -68,37 +66,6 @@ def total_steps(train: list, config: TrainingConfig, objective=None) -> int:
     objective = objective or token_objective(config.row_length)
     steps_per_epoch = math.ceil(len(objective.items(train)) / rows_per_step(config))
     return max(1, math.ceil(config.epochs * steps_per_epoch))
-
-
-@torch.no_grad()
-def evaluate_loss(model, examples: list, row_length: int, rows_per_batch: int, pad_id: int,
-                  autocast=None, objective=None) -> tuple[float, int]:
-    """The objective's mean loss over `examples` (SFT by default: cross-entropy per trained token),
-    and the count it is averaged over. Out of memory halves the items per batch and retries, down to one."""
-    was_training = model.training
-    model.eval()
-    objective = objective or token_objective(row_length, model_shares_prefixes(model))
-    total, count = 0.0, 0
-    items = objective.items(examples)
-    device = next(model.parameters()).device
-    start = 0
-    while start < len(items):
-        part = items[start : start + rows_per_batch]
-        batch = objective.collate(part, pad_id).to(device)
-        try:
-            with autocast() if autocast else contextlib.nullcontext():
-                total += float(objective.loss_sum(model, batch))
-        except Exception as error:
-            if not is_out_of_memory(error) or rows_per_batch == 1:
-                raise
-            del batch
-            free_memory()
-            rows_per_batch //= 2
-            continue
-        count += objective.count(batch)
-        start += len(part)
-    model.train(was_training)
-    return total / max(1, count), count
 
 
 class StopRequest:
@@ -128,184 +95,264 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+@dataclass
+class TrainState:
+    """Where a run stands. Saved in every checkpoint, so a resumed run continues exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens: int = 0
+    train_loss: float = float("nan")
+    best_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0
+    seconds: float = 0.0  # training time across resumes (the time and cost budgets read it)
+    rows_per_micro_batch: int = 1
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def restored(cls, saved: dict, default: "TrainState") -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{**asdict(default), **{k: v for k, v in saved.items() if k in known}})
+
+
+@dataclass
+class Trainer:
+    """What one call of `train` works with: the model and its optimizer, the objective, the state,
+    and where metrics, events and checkpoints go."""
+
+    model: torch.nn.Module
+    objective: object
+    config: TrainingConfig
+    pad_id: int
+    accelerator: Accelerator
+    autocast: object
+    trainable: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    checkpoints_dir: Path
+    metrics: MetricsLog
+    console: Console
+    state: TrainState
+    batching: MicroBatching
+    total_steps: int
+    hourly: float | None
+    step: int = 0
+    resumed_from: int | None = None
+    nonfinite_in_a_row: int = 0
+    validation_loss: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+    seconds_before: float = 0.0
+    session_tokens: int = 0
+    events: list = field(default_factory=list)
+
+    def record_event(self, kind: str, message: str, **details) -> None:
+        self.events.append({"kind": kind, "step": self.step, "message": message, **details})
+        self.metrics.event(kind, self.step, message, **details)
+        self.console.print(f"[yellow]{message}[/]")
+
+
 def train(model, train_examples: list, validation_examples: list, config: TrainingConfig,
-          run_dir: Path, pad_id: int, console: Console | None = None,
-          after_step: Callable[[int], None] | None = None, objective=None,
+          run_dir: Path, pad_id: int, console: Console | None = None, objective=None,
           paged_optimizer: bool = False) -> TrainResult:
     """Train `model` in place; resumes from the run's newest intact checkpoint if there is one.
 
-    `objective` (from `afina.training.steps.objective_for`; SFT by default) says what the examples
-    are, how a step's micro-batches are collated and what is minimized. `paged_optimizer` (qlora's
-    option) trains with bitsandbytes' paged 8-bit AdamW.
+    `objective` (from `afina.training.objectives.objective_for`; SFT by default) says what the
+    examples are, how a step's micro-batches are collated and what is minimized. `paged_optimizer`
+    (qlora's option) trains with bitsandbytes' paged 8-bit AdamW.
 
     Ends with a status: completed, interrupted (signal), early_stopped (validation loss stopped
     improving; the model then holds the best checkpoint's weights), time_limit, cost_limit or
     diverged (repeated non-finite losses; their updates were skipped, so the weights are the last
-    good ones). `after_step` is called after every optimizer step (tests use it to inject signals).
+    good ones).
     """
-    console = console or Console()
+    t = setup(model, train_examples, config, run_dir, pad_id, console or Console(), objective, paged_optimizer)
+    status = "completed"
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=t.console, transient=False)
+    with progress, StopRequest() as stop:
+        task = progress.add_task("train", total=t.total_steps, completed=t.step, info="")
+        while t.step < t.total_steps and status == "completed":
+            epoch = t.objective.epoch_steps(train_examples, config, t.state.epoch)
+            while t.step < t.total_steps and t.state.step_in_epoch < len(epoch) and status == "completed":
+                status, info = train_step(t, epoch[t.state.step_in_epoch], validation_examples, stop)
+                progress.update(task, completed=t.step, info=info)
+            if t.state.step_in_epoch >= len(epoch):
+                t.state.epoch += 1
+                t.state.step_in_epoch = 0
+    return finish(t, status, run_dir)
+
+
+def setup(model, train_examples: list, config: TrainingConfig, run_dir: Path, pad_id: int, console: Console,
+          objective, paged_optimizer: bool) -> Trainer:
+    """Optimizer, schedule and state for `model`, restored from the newest intact checkpoint if any."""
     objective = objective or token_objective(config.row_length, model_shares_prefixes(model))
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
     autocast = autocast_for(resolve_precision(config.precision, accelerator.device), accelerator.device)
-    hourly = price_per_hour(config.machine, config.price_per_hour)
     trainable = trainable_parameters(model)
     optimizer = make_optimizer(trainable.values(), config.learning_rate, config.weight_decay, paged_optimizer)
     steps = total_steps(train_examples, config, objective)
     scheduler = make_scheduler(optimizer, steps, int(config.warmup_ratio * steps), config.schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoints_dir = run_dir / "checkpoints"
-    state = {"epoch": 0, "step_in_epoch": 0, "tokens": 0, "train_loss": float("nan"), "best_loss": None,
-             "best_step": None, "evals_without_improvement": 0, "skipped_steps": 0, "seconds": 0.0,
-             "rows_per_micro_batch": config.rows_per_batch, "gradient_checkpointing": checkpointing_enabled(model)}
+    state = TrainState(rows_per_micro_batch=config.rows_per_batch, gradient_checkpointing=checkpointing_enabled(model))
     step, resumed_from = 0, None
     checkpoint = latest_checkpoint(checkpoints_dir)
     if checkpoint is not None:
         restore_checkpoint(checkpoint, trainable, optimizer, scheduler)
-        step, resumed_from, state = checkpoint.step, checkpoint.step, {**state, **checkpoint.state}
+        step, resumed_from, state = checkpoint.step, checkpoint.step, TrainState.restored(checkpoint.state, state)
         console.print(f"resuming from {checkpoint.path} (step {step})")
-    batching = MicroBatching(state["rows_per_micro_batch"], state["gradient_checkpointing"])
+    batching = MicroBatching(state.rows_per_micro_batch, state.gradient_checkpointing)
     set_gradient_checkpointing(model, batching.gradient_checkpointing)
-    metrics = MetricsLog(run_dir)
-    events: list[dict] = []
-
-    def record_event(kind: str, message: str, **details) -> None:
-        events.append({"kind": kind, "step": step, "message": message, **details})
-        metrics.event(kind, step, message, **details)
-        console.print(f"[yellow]{message}[/]")
-
-    def save() -> None:
-        best = checkpoints_dir / f"step-{state['best_step']:07d}" if state["best_step"] else None
-        try:
-            save_checkpoint(checkpoints_dir, step, trainable, optimizer, scheduler, state, config.keep_checkpoints,
-                            keep_also=best)
-        except OSError as error:  # the staging directory is gone; the previous checkpoint still stands
-            code = "disk_full" if error.errno == errno.ENOSPC else "checkpoint_write_failed"
-            raise AfinaError(code, f"writing the step-{step} checkpoint failed: {error.strerror or error}",
-                             location=str(checkpoints_dir),
-                             hint="free disk space, then resume with afina train --resume") from error
-
-    def run_step(rows: list) -> tuple[float, float, int]:
-        """Forward and backward over one optimizer step's items (rows, pairs, completions); shrinks the
-        micro-batch on out of memory and redoes the step with the same items. Returns (loss, grad norm, tokens)."""
-        nonlocal batching
-        while True:
-            size = batching.rows_per_micro_batch
-            micro = [objective.collate(rows[i : i + size], pad_id).to(accelerator.device)
-                     for i in range(0, len(rows), size)]
-            step_count = sum(objective.count(b) for b in micro)
-            loss_total = 0.0
-            try:
-                for batch in micro:
-                    with autocast():
-                        loss = objective.loss_sum(model, batch) / step_count
-                    accelerator.backward(loss)
-                    loss_total += float(loss.detach())
-                    del loss
-                grad_norm = float(accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm))
-                return loss_total, grad_norm, sum(b.tokens for b in micro)
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                del micro
-                optimizer.zero_grad(set_to_none=True)
-                free_memory()
-                smaller = batching.smaller()
-                if smaller is None:
-                    raise AfinaError("out_of_memory", "a step does not fit in memory even with one row per micro-batch "
-                                     "and gradient checkpointing", location="training.row_length",
-                                     hint="lower training.row_length or data.max_length, or use a smaller model "
-                                          "or method (qlora on CUDA)") from error
-                batching = smaller
-                state.update(rows_per_micro_batch=batching.rows_per_micro_batch, gradient_checkpointing=True)
-                set_gradient_checkpointing(model, True)
-                micro_batches = math.ceil(len(rows) / batching.rows_per_micro_batch)
-                record_event("out_of_memory", f"step {step + 1} ran out of memory: now {batching.rows_per_micro_batch} "
-                             f"row(s) per micro-batch x {micro_batches} accumulated, gradient checkpointing on "
-                             "(same effective batch)", rows_per_micro_batch=batching.rows_per_micro_batch,
-                             gradient_accumulation=micro_batches, gradient_checkpointing=True)
-
-    validation_loss = None
-    status = "completed"
-    bad_in_a_row = 0
     model.train()
-    started, tokens_this_session = time.perf_counter(), 0
-    seconds_before = state["seconds"]
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=False)
-    with progress, StopRequest() as stop:
-        task = progress.add_task("train", total=steps, completed=step, info="")
-        while step < steps and status == "completed":
-            epoch = objective.epoch_steps(train_examples, config, state["epoch"])
-            while step < steps and state["step_in_epoch"] < len(epoch):
-                loss_total, grad_norm, tokens = run_step(epoch[state["step_in_epoch"]])
-                finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
-                if finite:
-                    optimizer.step()
-                    bad_in_a_row = 0
-                else:  # a loss spike to inf/nan: skip the update rather than poison the weights
-                    state["skipped_steps"] += 1
-                    bad_in_a_row += 1
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                state["step_in_epoch"] += 1
-                state["tokens"] += tokens
-                tokens_this_session += tokens
-                elapsed = time.perf_counter() - started
-                state["seconds"] = seconds_before + elapsed
-                rate = tokens_this_session / elapsed
-                cost = cost_of(state["seconds"], hourly)
-                if bad_in_a_row > config.max_nonfinite_steps:
-                    status = "diverged"
-                    record_event(status, STOP_MESSAGES[status].format(step=step, cost=cost))
-                    break
-                state["train_loss"] = loss_total if finite else state["train_loss"]
-                metrics.write("train", step, loss=loss_total, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                              tokens=tokens, elapsed=elapsed, tokens_per_second=rate, epoch=state["epoch"], cost=cost)
-                improved = False
-                if validation_examples and (step % config.eval_every == 0 or step == steps):
-                    validation_loss, _ = evaluate_loss(model, validation_examples, config.row_length,
-                                                       batching.rows_per_micro_batch, pad_id, autocast, objective)
-                    metrics.write("validation", step, loss=validation_loss)
-                    if state["best_loss"] is None or validation_loss < state["best_loss"] - config.early_stopping_min_delta:
-                        state.update(best_loss=validation_loss, best_step=step, evals_without_improvement=0)
-                        improved = True
-                    else:
-                        state["evals_without_improvement"] += 1
-                        patience = config.early_stopping_patience
-                        if patience is not None and state["evals_without_improvement"] >= patience:
-                            status = "early_stopped"
-                if config.max_time_minutes is not None and state["seconds"] >= config.max_time_minutes * 60:
-                    status = "time_limit"
-                if config.max_cost is not None and cost >= config.max_cost:
-                    status = "cost_limit"
-                if stop.signal:
-                    status = "interrupted"
-                if bad_in_a_row == 0 and (step % config.save_every == 0 or step == steps or improved
-                                          or status != "completed"):
-                    save()
-                if status != "completed":
-                    record_event(status, STOP_MESSAGES[status].format(step=step, cost=cost), cost=cost)
-                val = f" val {validation_loss:.3f}" if validation_loss is not None else ""
-                spent = f" · ${cost:,.2f}" if hourly else ""
-                progress.update(task, completed=step, info=f"loss {loss_total:.3f}{val} · {rate:,.0f} tok/s{spent}")
-                if after_step:
-                    after_step(step)
-                if status != "completed":
-                    break
-            if state["step_in_epoch"] >= len(epoch):
-                state["epoch"] += 1
-                state["step_in_epoch"] = 0
-    metrics.close()
-    plot_loss_curves(metrics.path, run_dir / "loss.png")
+    return Trainer(model, objective, config, pad_id, accelerator, autocast, trainable, optimizer, scheduler,
+                   checkpoints_dir, MetricsLog(run_dir), console, state, batching, steps,
+                   price_per_hour(config.machine, config.price_per_hour), step, resumed_from,
+                   seconds_before=state.seconds)
+
+
+def train_step(t: Trainer, rows: list, validation_examples: list, stop: StopRequest) -> tuple[str, str]:
+    """One optimizer step over `rows`, then its metrics, validation, stop conditions and checkpoint.
+    Returns the run's status after it and the progress bar's text."""
+    state, config = t.state, t.config
+    loss, grad_norm, tokens = forward_backward(t, rows)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        t.optimizer.step()
+        t.nonfinite_in_a_row = 0
+    else:  # a loss spike to inf/nan: skip the update rather than poison the weights
+        state.skipped_steps += 1
+        t.nonfinite_in_a_row += 1
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.step += 1
+    state.step_in_epoch += 1
+    state.tokens += tokens
+    t.session_tokens += tokens
+    elapsed = time.perf_counter() - t.started
+    state.seconds = t.seconds_before + elapsed
+    rate = t.session_tokens / elapsed
+    cost = cost_of(state.seconds, t.hourly)
+    if t.nonfinite_in_a_row > config.max_nonfinite_steps:
+        t.record_event("diverged", STOP_MESSAGES["diverged"].format(step=t.step, cost=cost))
+        return "diverged", ""
+    state.train_loss = loss if finite else state.train_loss
+    t.metrics.write("train", t.step, loss=loss, lr=t.scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens=tokens,
+                    elapsed=elapsed, tokens_per_second=rate, epoch=state.epoch, cost=cost)
+    validating = bool(validation_examples) and (t.step % config.eval_every == 0 or t.step == t.total_steps)
+    improved = validate(t, validation_examples) if validating else False
+    status = stop_reason(t, stop, cost, validating)
+    if t.nonfinite_in_a_row == 0 and (t.step % config.save_every == 0 or t.step == t.total_steps or improved
+                                      or status != "completed"):
+        save(t)
+    if status != "completed":
+        t.record_event(status, STOP_MESSAGES[status].format(step=t.step, cost=cost), cost=cost)
+    val = f" val {t.validation_loss:.3f}" if t.validation_loss is not None else ""
+    spent = f" · ${cost:,.2f}" if t.hourly else ""
+    return status, f"loss {loss:.3f}{val} · {rate:,.0f} tok/s{spent}"
+
+
+def forward_backward(t: Trainer, rows: list) -> tuple[float, float, int]:
+    """Forward and backward over one optimizer step's items (rows, pairs, completions), gradients
+    clipped; shrinks the micro-batch on out of memory and redoes the step with the same items.
+    Returns (loss, grad norm, tokens)."""
+    while True:
+        size = t.batching.rows_per_micro_batch
+        micro = [t.objective.collate(rows[i : i + size], t.pad_id).to(t.accelerator.device)
+                 for i in range(0, len(rows), size)]
+        step_count = sum(t.objective.count(b) for b in micro)
+        loss_total = 0.0
+        try:
+            for batch in micro:
+                with t.autocast():
+                    loss = t.objective.loss_sum(t.model, batch) / step_count
+                t.accelerator.backward(loss)
+                loss_total += float(loss.detach())
+                del loss
+            grad_norm = float(t.accelerator.clip_grad_norm_(list(t.trainable.values()), t.config.max_grad_norm))
+            return loss_total, grad_norm, sum(b.tokens for b in micro)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            del micro
+            t.optimizer.zero_grad(set_to_none=True)
+            free_memory()
+            shrink_micro_batches(t, len(rows), error)
+
+
+def shrink_micro_batches(t: Trainer, rows: int, error: BaseException) -> None:
+    """After an out-of-memory error: half the micro-batch, checkpointing on (same effective batch)."""
+    smaller = t.batching.smaller()
+    if smaller is None:
+        raise AfinaError("out_of_memory", "a step does not fit in memory even with one row per micro-batch "
+                         "and gradient checkpointing", location="training.row_length",
+                         hint="lower training.row_length or data.max_length, or use a smaller model "
+                              "or method (qlora on CUDA)") from error
+    t.batching = smaller
+    t.state.rows_per_micro_batch, t.state.gradient_checkpointing = smaller.rows_per_micro_batch, True
+    set_gradient_checkpointing(t.model, True)
+    micro_batches = math.ceil(rows / smaller.rows_per_micro_batch)
+    t.record_event("out_of_memory", f"step {t.step + 1} ran out of memory: now {smaller.rows_per_micro_batch} "
+                   f"row(s) per micro-batch x {micro_batches} accumulated, gradient checkpointing on "
+                   "(same effective batch)", rows_per_micro_batch=smaller.rows_per_micro_batch,
+                   gradient_accumulation=micro_batches, gradient_checkpointing=True)
+
+
+def validate(t: Trainer, validation_examples: list) -> bool:
+    """The objective's validation loss; True when it improved on the best so far."""
+    state, config = t.state, t.config
+    t.validation_loss, _ = evaluate_loss(t.model, validation_examples, t.objective, t.batching.rows_per_micro_batch,
+                                         t.pad_id, t.autocast)
+    t.metrics.write("validation", t.step, loss=t.validation_loss)
+    if state.best_loss is None or t.validation_loss < state.best_loss - config.early_stopping_min_delta:
+        state.best_loss, state.best_step, state.evals_without_improvement = t.validation_loss, t.step, 0
+        return True
+    state.evals_without_improvement += 1
+    return False
+
+
+def stop_reason(t: Trainer, stop: StopRequest, cost: float, validated: bool) -> str:
+    """Why the run stops after this step ("completed" to go on): a signal, a budget, or early stopping
+    (judged at validations only)."""
+    config, state = t.config, t.state
+    if stop.signal:
+        return "interrupted"
+    if config.max_cost is not None and cost >= config.max_cost:
+        return "cost_limit"
+    if config.max_time_minutes is not None and state.seconds >= config.max_time_minutes * 60:
+        return "time_limit"
+    patience = config.early_stopping_patience
+    if validated and patience is not None and state.evals_without_improvement >= patience:
+        return "early_stopped"
+    return "completed"
+
+
+def save(t: Trainer) -> None:
+    """An atomic checkpoint of this step, keeping the best one besides the newest."""
+    best = t.checkpoints_dir / f"step-{t.state.best_step:07d}" if t.state.best_step else None
+    try:
+        save_checkpoint(t.checkpoints_dir, t.step, t.trainable, t.optimizer, t.scheduler, asdict(t.state),
+                        t.config.keep_checkpoints, keep_also=best)
+    except OSError as error:  # the staging directory is gone; the previous checkpoint still stands
+        code = "disk_full" if error.errno == errno.ENOSPC else "checkpoint_write_failed"
+        raise AfinaError(code, f"writing the step-{t.step} checkpoint failed: {error.strerror or error}",
+                         location=str(t.checkpoints_dir),
+                         hint="free disk space, then resume with afina train --resume") from error
+
+
+def finish(t: Trainer, status: str, run_dir: Path) -> TrainResult:
+    """Close the metrics, plot the loss curves, put the best weights back after early stopping."""
+    t.metrics.close()
+    plot_loss_curves(t.metrics.path, run_dir / "loss.png")
+    state = t.state
     if status == "early_stopped":  # the run returns its best weights, not the ones it ended with
-        restore_weights(checkpoints_dir / f"step-{state['best_step']:07d}", trainable)
-    seconds = time.perf_counter() - started
-    return TrainResult(step, state["train_loss"], validation_loss, state["tokens"],
-                       tokens_this_session / max(seconds, 1e-9), seconds, resumed_from, status,
-                       state["best_step"], state["best_loss"], state["skipped_steps"],
-                       cost_of(state["seconds"], hourly), events)
+        restore_weights(t.checkpoints_dir / f"step-{state.best_step:07d}", t.trainable)
+    seconds = time.perf_counter() - t.started
+    return TrainResult(t.step, state.train_loss, t.validation_loss, state.tokens,
+                       t.session_tokens / max(seconds, 1e-9), seconds, t.resumed_from, status, state.best_step,
+                       state.best_loss, state.skipped_steps, cost_of(state.seconds, t.hourly), t.events)
 
 
 STOP_MESSAGES = {

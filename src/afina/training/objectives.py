@@ -1,213 +1,401 @@
-"""The losses afina can minimize beyond supervised fine-tuning, and the log-probabilities they need.
+"""What the one training loop minimizes: one class per objective, behind the `Objective` protocol.
 
-Every loss here is a *sum* over its units (pairs or examples), never a mean, like `sft_loss_sum`:
-the loop divides by the units of the whole optimizer step, so accumulated and packed batches give
-the same update as one large batch.
+    objective = objective_for(config)                  # OBJECTIVES[config.objective.name].from_config(config)
+    units = objective.tokenize(records, tokenizer)     # what one row of data becomes
+    for items in objective.epoch_steps(units, training, epoch):        # one optimizer step each
+        for batch in micro-batches of items:                             # cut by the loop
+            loss = objective.loss_sum(model, batch) / (sum of objective.count over the step's batches)
+    base, tuned = objective.evaluate(model, base_scope, tokenizer, records, units, config)
 
-| objective | call | divide the sum by |
-| --- | --- | --- |
-| DPO | `dpo_loss` | preference pairs in the step |
-| ORPO | `orpo_loss` | preference pairs in the step (the `count` it returns) |
-| KTO | `kto_loss` | completions (desirable + undesirable) in the step |
-| reward model | `reward_loss` | preference pairs in the step |
+| objective | reads | a unit | an item (micro-batches are cut from these) | count (denominator) |
+| --- | --- | --- | --- | --- |
+| sft | chat rows | `Example` | a packed row of examples | trained tokens |
+| cpt | text rows | `Example` (a block) | a packed row of blocks | trained tokens |
+| dpo, orpo, reward | preference rows | `PreferencePair` | a pair | pairs |
+| kto | preference or unpaired rows | `KtoExample` | an example and its mismatched completion | completions |
 
-The formulas were checked against TRL's current sources (huggingface/trl 1.1: `trl/trainer/dpo_trainer.py`,
-`trl/trainer/reward_trainer.py`, `trl/experimental/kto/kto_trainer.py`, `trl/experimental/orpo/orpo_trainer.py`);
-where afina differs, the docstring says so and why.
+Everything an objective is (the rows it reads, how it tokenizes and batches, its loss, its test
+metrics, what it adds to the model, what the estimate may assume) is in its class; the loop, the
+pipeline, evaluation and the estimate only call the protocol. `training.rows_per_batch` is the
+items of one micro-batch, halved on out of memory; an optimizer step always holds
+`rows_per_batch x gradient_accumulation` items. Each epoch's steps are a pure function of
+(units, seed, epoch), which is what makes resuming exact.
+
+dpo and kto need the reference model: the frozen base of an adapter run, computed by the same
+model inside `base_model(model)` (no second copy), so they refuse methods that train the base.
 """
 
 from __future__ import annotations
 
-import math
+import random
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from afina.data.packing import IGNORE
-from afina.data.preference import SequenceBatch
-from afina.models.adapters import body_and_head
+from afina.config.schema import ObjectiveConfig, RunConfig, TrainingConfig
+from afina.data.cpt import cpt_examples
+from afina.data.packing import Batch, collate_rows, epoch_steps, pack_examples, row_sizes
+from afina.data.preference import (KtoBatch, SequenceBatch, collate_kto, collate_pairs, kto_examples,
+                                   mismatched_completions, tokenize_preferences)
+from afina.data.records import Record
+from afina.data.tokenize import tokenize_records
+from afina.errors import AfinaError
+from afina.eval.compare import evaluate_model
+from afina.eval.preference import PreferenceMeasures, implicit_reward_metrics, measure_preferences, share
+from afina.models.logprobs import reward_scores, sequence_logps
+from afina.models.methods import base_model
+from afina.training.losses import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, reward_loss, sft_loss_sum
+from afina.training.reward import attach_reward_head, load_reward_head, save_reward_head
 
-CHUNK_TOKENS = 1024  # completion positions projected to the vocabulary at once (1024 x 49k fp32 = 200 MB)
+BaseScope = Callable[[], AbstractContextManager]  # yields the base model: the tuned one with its additions off
 
 
-def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sigmoid DPO (Rafailov et al. 2023, Eq. 7), with conservative label smoothing (cDPO, Mitchell 2023).
+class Objective(Protocol):
+    """What the loop, the pipeline, evaluation and the estimate ask of an objective."""
 
-        h_i    = (log pi(y_c|x) - log pi(y_r|x)) - (log ref(y_c|x) - log ref(y_r|x))
-        loss_i = -(1 - eps) * log sigmoid(beta * h_i) - eps * log sigmoid(-beta * h_i)
+    name: str
+    reads: ClassVar[tuple[str, ...]]  # the record kinds it trains on
+    packs_tokens: ClassVar[bool]  # items are packed rows of tokens (what the memory estimate models)
+    uses_reference: ClassVar[bool]  # compares the trained model with its frozen base
 
-    Log-probabilities are per sequence, summed over the answer's tokens (`sequence_logps`), as in
-    TRL. eps is the probability that a pair's label is flipped (0 gives plain DPO); when policy
-    and reference agree, h = 0 and every pair costs log 2 whatever eps is.
+    def check(self, config: RunConfig) -> None: ...
+    def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list: ...
+    def items(self, units: list) -> list: ...
+    def epoch_steps(self, units: list, training: TrainingConfig, epoch: int) -> list[list]: ...
+    def collate(self, items: list, pad_id: int): ...
+    def count(self, batch) -> int: ...
+    def loss_sum(self, model, batch) -> torch.Tensor: ...
+    def prepare_model(self, model, seed: int) -> None: ...
+    def save_extras(self, model, directory: Path, config: RunConfig) -> None: ...
+    def load_extras(self, model, directory: Path) -> None: ...
+    def evaluate(self, model, base_scope: BaseScope, tokenizer, records: list[Record], units: list,
+                 config: RunConfig) -> tuple[dict, dict]: ...
 
-    Returns (sum of loss_i over pairs, chosen rewards, rejected rewards), the rewards being the
-    implicit ones, beta * (log pi - log ref), detached, for logging (rewards/chosen, rewards/margins,
-    rewards/accuracies in TRL's names).
 
-    TRL: with eps = 0 this is TRL 1.1's `loss_type="sigmoid"` exactly. TRL 1.1's "sigmoid" ignores
-    `label_smoothing` (only "robust", rDPO's unbiased variant divided by 1 - 2 eps, and "exo_pair" read
-    it); the eps > 0 form here is cDPO as the DPO authors' reference code writes it, the form TRL 1.1
-    still uses in its "aot" losses.
+def rows_per_step(config: TrainingConfig) -> int:
+    """Items (packed rows, pairs or completions) in one optimizer step."""
+    return config.rows_per_batch * config.gradient_accumulation
+
+
+def shuffled_steps(items: Sequence, per_step: int, seed: int, epoch: int) -> list[list]:
+    """`items` shuffled by (seed, epoch) as `epoch_steps` shuffles examples, `per_step` at a time."""
+    order = list(items)
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [order[i : i + per_step] for i in range(0, len(order), per_step)]
+
+
+@dataclass(frozen=True)
+class BaseObjective:
+    """What every objective shares: its settings, and the defaults of the protocol's optional parts."""
+
+    config: ObjectiveConfig
+    row_length: int
+    max_length: int
+    share_prefixes: bool = True
+    train_on_prompt: bool = False
+
+    name: ClassVar[str] = ""
+    reads: ClassVar[tuple[str, ...]] = ()
+    rows: ClassVar[str] = ""  # how an error names the rows it reads
+    packs_tokens: ClassVar[bool] = False
+    uses_reference: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "BaseObjective":
+        return cls(config.objective, config.training.row_length, config.data.max_length,
+                   config.method.shares_prefixes, config.data.train_on_prompt)
+
+    def check(self, config: RunConfig) -> None:
+        """Refuse, before any work, what the objective cannot do with this method or batch."""
+        if self.uses_reference and not config.method.freezes_base:
+            raise AfinaError("reference_model_unavailable",
+                             f"{self.name} compares the trained model with its frozen base, but method "
+                             f"{config.method.name} trains the base weights themselves", location="objective",
+                             hint="use an adapter method (lora, dora, ...), or objective orpo, which needs no reference")
+
+    def check_rows(self, records: list[Record], path: str = "") -> None:
+        """Refuse rows the objective cannot read, naming the first one."""
+        wrong = next((r for r in records if r.kind not in self.reads), None)
+        if wrong is not None:
+            raise AfinaError("wrong_data_for_objective", f"objective {self.name} reads {self.rows} rows, not "
+                             f"{wrong.kind} rows", location=f"{path}:{wrong.line}",
+                             hint="use objective: sft for chat data, cpt for text, dpo/orpo/kto/reward for preferences")
+
+    def prepare_model(self, model, seed: int) -> None:
+        """Add what the objective trains beside the method (a reward head); nothing by default."""
+
+    def save_extras(self, model, directory: Path, config: RunConfig) -> None:
+        """Write what `prepare_model` added next to the method's saved weights."""
+
+    def load_extras(self, model, directory: Path) -> None:
+        """Put back what `save_extras` wrote onto the rebuilt tuned model."""
+
+
+# --- packed tokens --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenObjective(BaseObjective):
+    """Summed cross-entropy of the trained tokens of packed rows, per trained token. With
+    `share_prefixes` (every method but those acting at each example's own positions), examples read
+    the prefix they share with their row's first example instead of holding it
+    (`afina.data.packing`): a row holds more examples for the same positions computed."""
+
+    packs_tokens: ClassVar[bool] = True
+
+    def items(self, units: list) -> list:
+        return pack_examples(units, self.row_length, self.share_prefixes)
+
+    def epoch_steps(self, units: list, training: TrainingConfig, epoch: int) -> list[list]:
+        return epoch_steps(units, self.row_length, rows_per_step(training), training.seed, epoch, self.share_prefixes)
+
+    def collate(self, items: list, pad_id: int) -> Batch:
+        return collate_rows(items, pad_id, share_prefixes=self.share_prefixes)
+
+    def row_tokens(self, row: list) -> int:
+        """Positions a packed row computes."""
+        return sum(row_sizes(row, self.share_prefixes))
+
+    def count(self, batch: Batch) -> int:
+        return batch.trained_tokens
+
+    def loss_sum(self, model, batch: Batch) -> torch.Tensor:
+        return sft_loss_sum(model, batch)
+
+    def evaluate(self, model, base_scope: BaseScope, tokenizer, records: list[Record], units: list,
+                 config: RunConfig) -> tuple[dict, dict]:
+        """Loss and perplexity, then generation metrics, of the base and the tuned model."""
+        with base_scope() as base_view:
+            base = evaluate_model(base_view, tokenizer, records, units, config.eval, self)
+        return base, evaluate_model(model, tokenizer, records, units, config.eval, self)
+
+
+class SftObjective(TokenObjective):
+    """Supervised fine-tuning: the assistant answers of chat rows (every token with `train_on_prompt`)."""
+
+    name = "sft"
+    reads = ("chat",)
+    rows = "chat"
+
+    def check_rows(self, records: list[Record], path: str = "") -> None:
+        """Nothing up front: tokenization names what is wrong with a row more precisely."""
+
+    def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list:
+        return tokenize_records(records, tokenizer, self.max_length, self.train_on_prompt, path)
+
+
+class CptObjective(TokenObjective):
+    """Continued pretraining: raw documents cut into overlapping blocks, every token trained once."""
+
+    name = "cpt"
+    reads = ("text",)
+    rows = "`text`"
+
+    def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list:
+        self.check_rows(records, path)
+        return cpt_examples(records, tokenizer, self.config.block_length, self.config.overlap)
+
+
+def token_objective(row_length: int, share_prefixes: bool = True) -> SftObjective:
+    """Plain SFT over packed rows of `row_length` tokens."""
+    return SftObjective(ObjectiveConfig(), row_length, row_length, share_prefixes)
+
+
+# --- preference pairs -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PairObjective(BaseObjective):
+    """Shared by the objectives that read preference pairs; one pair is one item and one count."""
+
+    reads: ClassVar[tuple[str, ...]] = ("preference",)
+    rows: ClassVar[str] = "prompt/chosen/rejected"
+
+    def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list:
+        self.check_rows(records, path)
+        return tokenize_preferences(records, tokenizer, self.max_length, path)
+
+    def items(self, units: list) -> list:
+        return list(units)
+
+    def epoch_steps(self, units: list, training: TrainingConfig, epoch: int) -> list[list]:
+        return shuffled_steps(units, rows_per_step(training), training.seed, epoch)
+
+    def collate(self, items: list, pad_id: int) -> SequenceBatch:
+        return collate_pairs(items, self.row_length, pad_id)
+
+    def count(self, batch: SequenceBatch) -> int:
+        return batch.num_sequences // 2
+
+    def measure(self, model, base_scope: BaseScope, tokenizer, records: list[Record], units: list,
+                config: RunConfig, **what) -> tuple[dict, dict, PreferenceMeasures]:
+        return measure_preferences(model, base_scope, tokenizer, records, units, config.eval,
+                                   config.training.row_length, config.data.max_length, **what)
+
+
+class DpoObjective(PairObjective):
+    """DPO against the frozen base (`dpo_loss`), per pair."""
+
+    name = "dpo"
+    uses_reference = True
+
+    def loss_sum(self, model, batch: SequenceBatch) -> torch.Tensor:
+        with torch.no_grad(), base_model(model):
+            ref_chosen, ref_rejected = sequence_logps(model, batch)[0].chunk(2)
+        chosen, rejected = sequence_logps(model, batch)[0].chunk(2)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.config.beta, self.config.label_smoothing)[0]
+
+    def evaluate(self, model, base_scope, tokenizer, records, units, config) -> tuple[dict, dict]:
+        base, tuned, m = self.measure(model, base_scope, tokenizer, records, units, config)
+        if m.pairs:
+            tuned.update(implicit_reward_metrics(m, self.config.beta))
+            b, t = m.base_pairs, m.tuned_pairs
+            smoothing = self.config.label_smoothing
+            base["loss"] = float(dpo_loss(b["chosen"], b["rejected"], b["chosen"], b["rejected"], self.config.beta,
+                                          smoothing)[0]) / m.pairs
+            tuned["loss"] = float(dpo_loss(t["chosen"], t["rejected"], b["chosen"], b["rejected"], self.config.beta,
+                                           smoothing)[0]) / m.pairs
+        return base, tuned
+
+
+class OrpoObjective(PairObjective):
+    """ORPO (`orpo_loss`): NLL of the chosen answer plus the odds-ratio term, per pair; no reference."""
+
+    name = "orpo"
+
+    def loss_sum(self, model, batch: SequenceBatch) -> torch.Tensor:
+        sums, counts = sequence_logps(model, batch)
+        return orpo_loss(*(sums / counts.clamp(min=1)).chunk(2), beta=self.config.beta)[0]
+
+    def evaluate(self, model, base_scope, tokenizer, records, units, config) -> tuple[dict, dict]:
+        base, tuned, m = self.measure(model, base_scope, tokenizer, records, units, config)
+        if m.pairs:
+            tuned.update(implicit_reward_metrics(m, self.config.beta))
+            for result, measured in ((base, m.base_pairs), (tuned, m.tuned_pairs)):
+                means = [measured[k] / measured[f"{k}_tokens"].clamp(min=1) for k in ("chosen", "rejected")]
+                result["loss"] = float(orpo_loss(*means, beta=self.config.beta)[0]) / m.pairs
+        return base, tuned
+
+
+class RewardObjective(PairObjective):
+    """A reward model: the scalar head on each answer's last token, pairwise loss (`reward_loss`), per pair.
+    The head is trained beside the method's weights and saved next to them (`afina.training.reward`)."""
+
+    name = "reward"
+
+    def loss_sum(self, model, batch: SequenceBatch) -> torch.Tensor:
+        chosen, rejected = reward_scores(model, batch).chunk(2)
+        margin = torch.full_like(chosen, self.config.margin) if self.config.margin else None
+        return reward_loss(chosen, rejected, margin, self.config.center_coefficient)
+
+    def prepare_model(self, model, seed: int) -> None:
+        attach_reward_head(model, seed)
+
+    def save_extras(self, model, directory: Path, config: RunConfig) -> None:
+        save_reward_head(model, directory, config)
+
+    def load_extras(self, model, directory: Path) -> None:
+        load_reward_head(model, directory)
+
+    def evaluate(self, model, base_scope, tokenizer, records, units, config) -> tuple[dict, dict]:
+        # a reward model answers with scores, not text; its base, with no head, by log-prob margins
+        base, tuned, m = self.measure(model, base_scope, tokenizer, records, units, config, scores=True,
+                                      generate=False)
+        if m.pairs:
+            chosen, rejected = m.tuned_pairs["score"].chunk(2)
+            margin = torch.full_like(chosen, self.config.margin) if self.config.margin else None
+            tuned.update(loss=float(reward_loss(chosen, rejected, margin, self.config.center_coefficient)) / m.pairs,
+                         preference_accuracy=share(chosen > rejected), score_margin=float((chosen - rejected).mean()),
+                         accuracy_from="reward scores")
+            tuned["per_example"]["preference_accuracy"] = (chosen > rejected).float().tolist()
+            base["accuracy_from"] = "log-prob margin (the base has no reward head)"
+        return base, tuned
+
+
+# --- labelled completions -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KtoItem:
+    """A KTO example and its mismatched completion (its prompt with another example's answer)."""
+
+    example: object  # KtoExample
+    mismatched: object  # Completion
+
+
+@dataclass(frozen=True)
+class KtoObjective(BaseObjective):
+    """KTO against the frozen base (`kto_loss`), per completion.
+
+    The KL reference point z0 is estimated per micro-batch, as TRL does, from mismatched completions
+    paired within the optimizer step (prompt i with answer i-1), so a micro-batch of one, after an
+    out-of-memory halving, still pairs its prompt with another answer.
     """
-    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-    losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
-              - label_smoothing * F.logsigmoid(-beta * logits))
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return losses.sum(), chosen_rewards, rejected_rewards
+
+    name: ClassVar[str] = "kto"
+    reads: ClassVar[tuple[str, ...]] = ("preference", "unpaired")
+    rows: ClassVar[str] = "prompt/chosen/rejected or prompt/completion/label"
+    uses_reference: ClassVar[bool] = True
+
+    def check(self, config: RunConfig) -> None:
+        super().check(config)
+        if rows_per_step(config.training) < 2:
+            raise AfinaError("batch_too_small", "kto estimates its reference point from the other answers of a step, "
+                             "so a step needs at least two completions", location="training.rows_per_batch",
+                             hint="set training.rows_per_batch x training.gradient_accumulation to 2 or more (8+ is usual)")
+
+    def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list:
+        self.check_rows(records, path)
+        return kto_examples(records, tokenizer, self.max_length, path)
+
+    def items(self, units: list) -> list[KtoItem]:
+        mismatched = mismatched_completions([u.completion for u in units], self.max_length)
+        return [KtoItem(unit, other) for unit, other in zip(units, mismatched)]
+
+    def epoch_steps(self, units: list, training: TrainingConfig, epoch: int) -> list[list]:
+        return [self.items(step) for step in shuffled_steps(units, rows_per_step(training), training.seed, epoch)]
+
+    def collate(self, items: list[KtoItem], pad_id: int) -> KtoBatch:
+        return collate_kto([i.example for i in items], self.row_length, pad_id, self.max_length,
+                           [i.mismatched for i in items])
+
+    def count(self, batch: KtoBatch) -> int:
+        return int(batch.desirable.numel())
+
+    def loss_sum(self, model, batch: KtoBatch) -> torch.Tensor:
+        with torch.no_grad():
+            with base_model(model):
+                ref = sequence_logps(model, batch.completions)[0]
+                ref_mismatched = sequence_logps(model, batch.mismatched)[0]
+            kl = kto_kl_estimate(sequence_logps(model, batch.mismatched)[0], ref_mismatched)
+        policy = sequence_logps(model, batch.completions)[0]
+        return kto_loss(policy, ref, batch.desirable, kl, self.config.beta, self.config.desirable_weight,
+                        self.config.undesirable_weight)[0]
+
+    def evaluate(self, model, base_scope, tokenizer, records, units, config) -> tuple[dict, dict]:
+        base, tuned, m = measure_preferences(model, base_scope, tokenizer, records, units, config.eval,
+                                             config.training.row_length, config.data.max_length, completions=True)
+        if m.pairs:
+            tuned.update(implicit_reward_metrics(m, self.config.beta))
+        reference = m.base_completions
+        for result, measured in ((base, m.base_completions), (tuned, m.tuned_completions)):
+            kl = kto_kl_estimate(measured["mismatched"], reference["mismatched"])
+            result["loss"] = float(kto_loss(measured["logps"], reference["logps"], measured["desirable"], kl,
+                                            self.config.beta, self.config.desirable_weight,
+                                            self.config.undesirable_weight)[0]) / len(units)
+        rewards = self.config.beta * (m.tuned_completions["logps"] - reference["logps"])
+        desirable = m.tuned_completions["desirable"]
+        tuned.update(completion_reward_accuracy=share(torch.where(desirable, rewards > 0, rewards < 0)),
+                     completions=len(units))
+        return base, tuned
 
 
-def orpo_loss(chosen_logps_mean: torch.Tensor, rejected_logps_mean: torch.Tensor,
-              beta: float = 0.1) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """ORPO (Hong et al. 2024, Eqs. 4-7): supervised NLL on the chosen answer plus an odds-ratio penalty.
-
-        p_c, p_r  = exp(mean token log-prob of the chosen / rejected answer)
-        log odds  = log(p_c / (1 - p_c)) - log(p_r / (1 - p_r))
-                  = (lc - lr) - (log(1 - exp(lc)) - log(1 - exp(lr)))       lc, lr the mean log-probs
-        loss_i    = -lc_i + beta * -log sigmoid(log odds_i)
-
-    The NLL part is per token: -lc_i is the mean token NLL of pair i's chosen answer (the answer
-    and its end-of-turn token, not the prompt), the L_SFT of the paper (Eq. 2) and of its reference
-    code (`disable_prompt_loss`). Each pair therefore counts once in both terms, so the sum divides
-    by one count, the pairs of the step; a separate NLL sum would need a second, token count.
-    TRL's experimental ORPOTrainer instead takes one cross-entropy mean over every token of the chosen
-    sequences, prompt included, so long answers weigh more there; the odds-ratio term is the same.
-
-    log(1 - exp(x)) is computed without cancellation (`log1mexp`), and mean log-probs are kept
-    just below 0 so a perfectly predicted answer gives a large finite log odds, not inf/nan.
-
-    Returns (sum of loss_i over pairs, number of pairs, chosen rewards, rejected rewards); rewards
-    are beta * mean log-prob, detached, as TRL logs them.
-    """
-    chosen = chosen_logps_mean.float().clamp(max=-1e-7)
-    rejected = rejected_logps_mean.float().clamp(max=-1e-7)
-    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
-    losses = -chosen - beta * F.logsigmoid(log_odds)
-    return losses.sum(), int(chosen.numel()), beta * chosen.detach(), beta * rejected.detach()
+OBJECTIVES: dict[str, type[BaseObjective]] = {
+    "sft": SftObjective, "cpt": CptObjective, "dpo": DpoObjective, "orpo": OrpoObjective, "kto": KtoObjective,
+    "reward": RewardObjective}
 
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, accurate on both sides (Maechler 2012, "Accurately computing log(1 - exp(-|a|))").
-
-    Near 0, 1 - exp(x) cancels, so use log(-expm1(x)); far below, exp(x) is tiny, so use log1p(-exp(x)).
-    Each branch only sees inputs in its own range, so the unused branch cannot put inf/nan into gradients.
-    """
-    near_zero = x > -math.log(2)
-    near = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
-    far = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
-    return torch.where(near_zero, near, far)
-
-
-def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
-             kl_estimate: torch.Tensor | float, beta: float = 0.1, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """KTO (Ethayarajh et al. 2024, Eq. 7) as TRL's `KTOTrainer` computes it (`loss_type="kto"`).
-
-        r_i    = log pi(y_i|x_i) - log ref(y_i|x_i)            summed over the answer's tokens
-        z0     = max(0, KL estimate), detached                  (`kto_kl_estimate`)
-        loss_i = desirable_weight   * (1 - sigmoid(beta * (r_i - z0)))    if y_i is desirable
-                 undesirable_weight * (1 - sigmoid(beta * (z0 - r_i)))    otherwise
-
-    z0 is the reference point of the prospect-theory value function: it is estimated from
-    *mismatched* completions (prompt x_i with another example's answer, see
-    `afina.data.preference.mismatched_completions`) and carries no gradient, as in TRL.
-    TRL averages the losses over the examples of a batch (the weights scale terms, they are not
-    renormalized), so the sum returned here divides by the number of examples of the step.
-
-    Returns (sum of loss_i, rewards of the desirable examples, rewards of the undesirable ones),
-    rewards being beta * r_i, detached.
-    """
-    desirable = desirable.to(torch.bool)
-    z0 = torch.as_tensor(kl_estimate, dtype=policy_logps.dtype, device=policy_logps.device).detach().clamp(min=0)
-    logratios = policy_logps - ref_logps
-    losses = torch.where(desirable,
-                         desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
-                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))
-    rewards = beta * logratios.detach()
-    return losses.sum(), rewards[desirable], rewards[~desirable]
-
-
-def kto_kl_estimate(policy_mismatched_logps: torch.Tensor, ref_mismatched_logps: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point: mean of log pi - log ref over mismatched completions, clamped at 0, detached.
-
-    TRL computes it once per micro-batch (mean over the batch, then over processes) from the same
-    batch's answers paired with other prompts; under data parallelism average it across ranks
-    before `kto_loss`. It needs at least two examples: with one, the "mismatched" pair is the real one.
-    """
-    return (policy_mismatched_logps - ref_mismatched_logps).float().mean().detach().clamp(min=0)
-
-
-def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,
-                center_coefficient: float | None = None) -> torch.Tensor:
-    """Pairwise Bradley-Terry loss of a reward model (Ouyang et al. 2022; margin as in Llama 2, Touvron et al. 2023).
-
-        loss_i = -log sigmoid(r_c,i - r_r,i - m_i)   [+ center_coefficient * (r_c,i + r_r,i)^2]
-
-    The margin m_i (default 0) asks the chosen answer to win by at least that much. The optional
-    centering term (Eisenstein et al. 2023, TRL's `center_rewards_coefficient`) pins the reward's
-    free offset near 0. Both match TRL 1.1's `RewardTrainer.compute_loss`, summed instead of averaged.
-    """
-    difference = chosen_rewards - rejected_rewards
-    if margin is not None:
-        difference = difference - margin
-    losses = -F.logsigmoid(difference)
-    if center_coefficient:
-        losses = losses + center_coefficient * (chosen_rewards + rejected_rewards) ** 2
-    return losses.sum()
-
-
-def sequence_logps(model, batch: SequenceBatch, chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of the log-probabilities of the trained (answer) tokens, and their counts.
-
-    One forward pass over the packed batch; the vocabulary projection runs only at trained
-    positions (as `sft_loss_sum` does), and the token log-probs are added up per sequence through
-    `batch.sequence_ids`, so several sequences packed in one row stay apart. For the reference
-    model of a LoRA run, call it under `torch.no_grad()` and `model.disable_adapter()`.
-
-    Returns float32 tensors of shape (batch.num_sequences,): summed log-probs and token counts
-    (divide one by the other for ORPO's mean log-probs).
-    """
-    body, head = body_and_head(model)
-    hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    mask = batch.targets != IGNORE
-    return gather_sequence_logps(hidden[mask], batch.targets[mask], batch.sequence_ids[mask], head,
-                                 batch.num_sequences, chunk)
-
-
-def gather_sequence_logps(hidden: torch.Tensor, targets: torch.Tensor, sequence_ids: torch.Tensor,
-                          head: torch.nn.Module, num_sequences: int,
-                          chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum log softmax(head(hidden))[target] per sequence id; hidden is (positions, hidden_size).
-
-    With gradients on and more positions than `chunk`, each chunk's logits are recomputed in the
-    backward pass instead of kept, so no more than one chunk of logits is ever held.
-    """
-    token_logps = []
-    for start in range(0, hidden.shape[0], chunk):
-        piece = (hidden[start : start + chunk], targets[start : start + chunk], head)
-        if torch.is_grad_enabled() and hidden.shape[0] > chunk:
-            token_logps.append(checkpoint(_token_logps, *piece, use_reentrant=False))
-        else:
-            token_logps.append(_token_logps(*piece))
-    sums = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device)
-    if token_logps:
-        sums = sums.index_add(0, sequence_ids, torch.cat(token_logps))
-    counts = torch.bincount(sequence_ids, minlength=num_sequences).to(torch.float32)
-    return sums, counts
-
-
-def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
-
-
-def last_token_hidden(hidden: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
-    """The hidden state at each sequence's last token, (num_sequences, hidden_size): what a reward head scores.
-
-    TRL's reward models read the score at the last non-padding token; in a packed row that is the
-    last position carrying the sequence's id.
-    """
-    rows, columns = batch.last_positions()
-    return hidden[rows, columns]
+def objective_for(config: RunConfig) -> BaseObjective:
+    """The objective a run minimizes, with its micro-batch shapes (row and example lengths)."""
+    return OBJECTIVES[config.objective.name].from_config(config)

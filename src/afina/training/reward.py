@@ -24,8 +24,8 @@ from afina.config.schema import RunConfig
 from afina.data.preference import tokenize_completion
 from afina.data.tokenize import Example
 from afina.errors import AfinaError
-from afina.models.adapters import unwrap
-from afina.training.steps import REWARD_HEAD, score_sequences
+from afina.models.methods import unwrap
+from afina.models.logprobs import REWARD_HEAD, score_sequences
 
 HEAD_FILE = "reward_head.safetensors"
 INFO_FILE = "reward.json"

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.benchmark
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_speed_gpu.py"
 
 

@@ -9,10 +9,13 @@ from afina.config.schema import LoraMethod, TrainingConfig
 from afina.data.formats import normalize_row
 from afina.data.tokenize import tokenize_records
 from afina.errors import AfinaError
-from afina.models.adapters import apply_method, trainable_parameters
+from afina.models.methods import apply_method, trainable_parameters
 from afina.models.loading import load_model
 from afina.training.checkpoints import latest_checkpoint, list_checkpoints
-from afina.training.loop import evaluate_loss, train
+from afina.eval.loss import evaluate_loss
+from afina.training.loop import train
+from afina.training.objectives import token_objective
+from tests.scripted import ScriptedObjective
 
 QUIET = Console(quiet=True)
 
@@ -37,10 +40,10 @@ def test_short_run_lowers_loss_trains_every_lora_weight_and_no_base_weight(tiny_
     data = examples(tiny_tokenizer, ticket_rows)
     model = lora_model(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss_before, _ = evaluate_loss(model, data, 256, 1, tiny_tokenizer.pad_token_id)
+    loss_before, _ = evaluate_loss(model, data, token_objective(256), 1, tiny_tokenizer.pad_token_id)
     result = train(model, data, data[:8], config(max_steps=30, learning_rate=2e-2), tmp_path / "run",
                    tiny_tokenizer.pad_token_id, QUIET)
-    loss_after, _ = evaluate_loss(model, data, 256, 1, tiny_tokenizer.pad_token_id)
+    loss_after, _ = evaluate_loss(model, data, token_objective(256), 1, tiny_tokenizer.pad_token_id)
     assert result.steps == 30 and loss_after < loss_before * 0.8
     trainable = trainable_parameters(model)
     assert trainable and all("lora_" in n for n in trainable)
@@ -100,12 +103,13 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_model_
     straight = lora_model(tiny_model_dir)
     train(straight, data, data[:4], config(), tmp_path / "straight", pad, QUIET)
 
-    def terminate_at_step_6(step):
-        if step == 5:  # the signal lands mid-run; the loop finishes step 6 then stops
+    def terminate_in_step_6(call, batch):
+        if call == 6:  # the signal lands mid-step; the loop finishes step 6 then stops
             os.kill(os.getpid(), signal.SIGTERM)
 
     run = tmp_path / "interrupted"
-    stopped = train(lora_model(tiny_model_dir), data, data[:4], config(), run, pad, QUIET, after_step=terminate_at_step_6)
+    sigterm = ScriptedObjective(token_objective(256), terminate_in_step_6)
+    stopped = train(lora_model(tiny_model_dir), data, data[:4], config(), run, pad, QUIET, objective=sigterm)
     assert stopped.status == "interrupted" and stopped.steps == 6
     assert latest_checkpoint(run / "checkpoints").step == 6
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
@@ -116,31 +120,19 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_model_
         assert torch.equal(a, b), name
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path,
-                                                         monkeypatch):
-    from afina.training import loop
-
+def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path):
     data = examples(tiny_tokenizer, ticket_rows)
-    calls = {"n": 0}
-    real = loop.sft_loss_sum
-
-    def spiking(model, batch, poison_from=None):
-        calls["n"] += 1
-        loss = real(model, batch)
-        bad = calls["n"] == 3 or (poison_from is not None and calls["n"] >= poison_from)
-        return loss * float("nan") if bad else loss
-
-    monkeypatch.setattr(loop, "sft_loss_sum", spiking)
+    one_spike = ScriptedObjective(token_objective(256), lambda call, batch: float("nan") if call == 3 else None)
     model = lora_model(tiny_model_dir)
-    result = train(model, data, [], config(max_steps=6), tmp_path / "one", tiny_tokenizer.pad_token_id, QUIET)
+    result = train(model, data, [], config(max_steps=6), tmp_path / "one", tiny_tokenizer.pad_token_id, QUIET,
+                   objective=one_spike)
     assert result.status == "completed" and result.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in trainable_parameters(model).values())
 
-    calls["n"] = 0
-    monkeypatch.setattr(loop, "sft_loss_sum", lambda m, b: spiking(m, b, poison_from=3))
+    poisoned = ScriptedObjective(token_objective(256), lambda call, batch: float("nan") if call >= 3 else None)
     model = lora_model(tiny_model_dir)
     result = train(model, data, [], config(max_steps=12, save_every=2), tmp_path / "many", tiny_tokenizer.pad_token_id,
-                   QUIET)
+                   QUIET, objective=poisoned)
     assert result.status == "diverged" and result.skipped_steps == 4 and result.steps == 6
     assert latest_checkpoint(tmp_path / "many" / "checkpoints").step == 2  # the last good step, nothing after it
     assert all(torch.isfinite(p).all() for p in trainable_parameters(model).values())
@@ -171,7 +163,7 @@ def test_time_budget_stops_with_a_checkpoint(tiny_model_dir, tiny_tokenizer, tic
 
 def test_continued_pretraining_trains_every_token_of_raw_text(tiny_model_dir, tmp_path, afina_home):
     from afina.config.loading import validate_config
-    from afina.pipeline.run import evaluate_run, run_training
+    from afina.pipeline.stages import evaluate_run, run_training
     from tests.conftest import write_jsonl
 
     rows = [{"text": f"the printer in office {i} is jammed again and the vpn não conecta"} for i in range(30)]
@@ -195,7 +187,7 @@ def test_continued_pretraining_trains_every_token_of_raw_text(tiny_model_dir, tm
 
 
 def test_the_optimizer_is_fused_adamw_and_updates_like_plain_adamw():
-    from afina.models.adapters import make_optimizer
+    from afina.training.optimizer import make_optimizer
 
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]

@@ -13,18 +13,22 @@ import pytest
 import torch
 
 from afina.errors import AfinaError
-from afina.training import checkpoints, loop
+from afina.devices import is_out_of_memory
+from afina.models.methods import trainable_parameters
+from afina.training import checkpoints
 from afina.training.checkpoints import latest_checkpoint, list_checkpoints
 from afina.training.cost import load_price_table, price_per_hour
 from afina.training.loop import train
-from afina.training.memory import MicroBatching, is_out_of_memory
-from tests.unit.test_training import QUIET, config, examples, lora_model
+from afina.training.objectives import token_objective
+from afina.training.oom import MicroBatching
+from tests.scripted import ScriptedObjective
+from tests.training.test_training import QUIET, config, examples, lora_model
 
 
 def lora_model_without_dropout(model_dir):
     """Dropout masks depend on the micro-batch shapes; without dropout the gradient does not."""
     from afina.config.schema import LoraMethod
-    from afina.models.adapters import apply_method
+    from afina.models.methods import apply_method
     from afina.models.loading import load_model
 
     torch.manual_seed(0)
@@ -37,25 +41,20 @@ def read_events(run_dir):
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny_model_dir, tiny_tokenizer,
-                                                                            ticket_rows, tmp_path, monkeypatch):
+                                                                            ticket_rows, tmp_path):
     data = examples(tiny_tokenizer, ticket_rows)
     pad = tiny_tokenizer.pad_token_id
     cfg = config(max_steps=6, row_length=64, rows_per_batch=4, gradient_accumulation=1)
     straight = lora_model_without_dropout(tiny_model_dir)
     train(straight, data, [], cfg, tmp_path / "straight", pad, QUIET)
 
-    real = loop.sft_loss_sum
-    seen_rows = []
-
-    def oom_on_big_batches_from_step_3(model, batch):
-        seen_rows.append(batch.input_ids.shape[0])
-        if len(seen_rows) > 2 and batch.input_ids.shape[0] > 1:
+    def oom_on_big_batches_from_step_3(call, batch):
+        if call > 2 and batch.input_ids.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, batch)
 
-    monkeypatch.setattr(loop, "sft_loss_sum", oom_on_big_batches_from_step_3)
     recovered = lora_model_without_dropout(tiny_model_dir)
-    result = train(recovered, data, [], cfg, tmp_path / "recovered", pad, QUIET)
+    result = train(recovered, data, [], cfg, tmp_path / "recovered", pad, QUIET,
+                   objective=ScriptedObjective(token_objective(64), oom_on_big_batches_from_step_3))
     assert result.status == "completed" and result.steps == 6
     events = read_events(tmp_path / "recovered")
     oom = [e for e in events if e["kind"] == "out_of_memory"]
@@ -63,23 +62,22 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny
     assert [(e["rows_per_micro_batch"], e["gradient_accumulation"]) for e in oom] == [(2, 2), (1, 4)]
     assert all(e["gradient_checkpointing"] for e in oom) and oom[0]["step"] == 2
     # same rows per optimizer step, so the same training up to floating-point summation order
-    for (name, a), (_, b) in zip(loop.trainable_parameters(straight).items(),
-                                 loop.trainable_parameters(recovered).items()):
+    for (name, a), (_, b) in zip(trainable_parameters(straight).items(),
+                                 trainable_parameters(recovered).items()):
         assert torch.allclose(a, b, atol=1e-5), name
     assert latest_checkpoint(tmp_path / "recovered" / "checkpoints").state["rows_per_micro_batch"] == 1
 
 
 def test_out_of_memory_at_one_row_with_checkpointing_gives_up_clearly(tiny_model_dir, tiny_tokenizer, ticket_rows,
-                                                                    tmp_path, monkeypatch):
+                                                                    tmp_path):
     data = examples(tiny_tokenizer, ticket_rows)
 
-    def always_oom(model, batch):
+    def always_oom(call, batch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(loop, "sft_loss_sum", always_oom)
     with pytest.raises(AfinaError) as error:
         train(lora_model(tiny_model_dir), data, [], config(max_steps=3, rows_per_batch=2), tmp_path / "run",
-              tiny_tokenizer.pad_token_id, QUIET)
+              tiny_tokenizer.pad_token_id, QUIET, objective=ScriptedObjective(token_objective(256), always_oom))
     assert error.value.code == "out_of_memory"
     events = read_events(tmp_path / "run")
     assert [e["rows_per_micro_batch"] for e in events if e["kind"] == "out_of_memory"] == [1]
@@ -148,7 +146,9 @@ CHILD = textwrap.dedent("""
     import torch
     from afina.training import checkpoints
     from afina.training.loop import train
-    from tests.unit.test_training import QUIET, config, examples, lora_model
+    from afina.training.objectives import token_objective
+    from tests.scripted import ScriptedObjective
+    from tests.training.test_training import QUIET, config, examples, lora_model
     from tests.conftest import chat_row
     from afina.models.loading import load_tokenizer
     import json
@@ -165,14 +165,17 @@ CHILD = textwrap.dedent("""
             if f"step-{target:07d}" in str(path):
                 os.kill(os.getpid(), signal.SIGKILL)
         checkpoints.save_file = dying_save
-        after = None
-    else:
+        script = lambda call, batch: None
+    else:  # die as the next step starts (2 micro-batches a step): right after step kill_at and its checkpoint
         kill_at = int(when)
-        def after(step):
-            if step == kill_at:
+        latest = checkpoints.latest_checkpoint(__import__("pathlib").Path(run_dir) / "checkpoints")
+        resumed_at = latest.step if latest else 0  # this process trains from there
+        def script(call, batch):
+            if call == 2 * (kill_at - resumed_at) + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
+    objective = ScriptedObjective(token_objective(256), script)
     train(lora_model(model_dir), data, data[:4], config(save_every=2, gradient_accumulation=2), __import__("pathlib").Path(run_dir),
-          tokenizer.pad_token_id, QUIET, after_step=after)
+          tokenizer.pad_token_id, QUIET, objective=objective)
 """)
 
 
@@ -206,7 +209,7 @@ def test_kill_9_at_random_steps_and_during_a_checkpoint_write_then_resume_matche
     resumed = lora_model(tiny_model_dir)
     result = train(resumed, data, data[:4], cfg, run, pad, QUIET)
     assert result.status == "completed" and result.resumed_from == 6 and result.steps == 12
-    for (name, a), (_, b) in zip(loop.trainable_parameters(straight).items(),
-                                 loop.trainable_parameters(resumed).items()):
+    for (name, a), (_, b) in zip(trainable_parameters(straight).items(),
+                                 trainable_parameters(resumed).items()):
         assert torch.equal(a, b), name
     assert list_checkpoints(run / "checkpoints")[-1].name == "step-0000012"

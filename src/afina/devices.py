@@ -1,8 +1,10 @@
-"""Choose the compute precision: bf16 autocast only where the hardware runs it fast."""
+"""What the device offers, shared by models, evaluation and training: the compute precision (bf16
+autocast only where the hardware runs it fast), and telling an out-of-memory error from others."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable
 
 import torch
@@ -41,3 +43,19 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error or a failed CPU allocation: both leave the process usable."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in MEMORY_MESSAGES)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from afina.models.adapters import apply_method, decoder_layers, freezes_base, is_prompt_learning, unwrap
+from afina.models.methods import apply_method, decoder_layers, is_prompt_learning, unwrap
 from afina.models.attention import keeps_probabilities, uses_matmul_kernel
 from afina.models.fused_layers import is_fused
 from afina.models.fused_lora import FusedLoraLinear
-from afina.training.loss import CHUNK_TOKENS, fuses_head
+from afina.training.losses import CHUNK_TOKENS, fuses_head
 
 # How the inputs of a Llama block's linear layers are shared: q, k and v read one tensor, gate and up another.
 INPUT_GROUPS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention_output",
@@ -83,7 +83,7 @@ class PreparedModel:
     attached: int  # elements per token and layer that afina's bottleneck adapters keep
     norms_trained: bool
     head_trained: bool
-    fused_head: bool  # the loss computes the head's gradients chunk by chunk (`afina.training.loss`)
+    fused_head: bool  # the loss computes the head's gradients chunk by chunk (`afina.training.losses`)
     embeddings_trained: bool
     weight_dtype_bytes: int
     packed_attention: bool  # afina's per-example attention (`afina.models.attention`) runs the packed rows
@@ -94,7 +94,7 @@ class PreparedModel:
 def weights_dtype(method, precision: str) -> torch.dtype:
     """The dtype the pipeline loads the base in: bf16 for a frozen base under bf16, else fp32 (trained
     weights and their AdamW updates need fp32)."""
-    return torch.bfloat16 if precision == "bf16" and freezes_base(method) else torch.float32
+    return torch.bfloat16 if precision == "bf16" and method.freezes_base else torch.float32
 
 
 def prepare_on_meta(hf_config, method, dtype: torch.dtype) -> PreparedModel:
@@ -171,7 +171,7 @@ def peft_linear(name: str, module: nn.Module, base: nn.Linear) -> Linear:
 def attached_elements(model: nn.Module) -> int:
     """Elements per token that afina's bottleneck adapters keep, all layers together: each keeps its
     input and the bottleneck before and after the nonlinearity."""
-    from afina.models.adapters import attached_module
+    from afina.models.methods import attached_module
     from afina.models.bottleneck import BottleneckAdapter
 
     module = attached_module(model)

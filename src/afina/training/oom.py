@@ -1,30 +1,13 @@
-"""Out-of-memory recovery: recognise an allocation failure, free what it left, and pick the next
-smaller setting.
+"""Out-of-memory recovery: pick the next smaller setting after an allocation failure.
 
 A CUDA out-of-memory error and a failed CPU allocation both surface as exceptions that leave the
-process usable, so a step can be retried with a smaller micro-batch instead of losing the run.
+process usable (`afina.devices.is_out_of_memory`), so a step can be retried with a smaller
+micro-batch instead of losing the run.
 """
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
-
-import torch
-
-MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in MEMORY_MESSAGES)
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)

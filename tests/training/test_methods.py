@@ -21,12 +21,14 @@ from afina.data.formats import normalize_row
 from afina.data.packing import collate_rows, pack_examples
 from afina.data.tokenize import tokenize_records
 from afina.errors import AfinaError
-from afina.models.adapters import (apply_method, base_model, body_and_head, check_method_supported, freezes_base,
+from afina.models.methods import (apply_method, base_model, body_and_head, check_method_supported,
                                    trainable_parameters)
 from afina.models.artifacts import load_trained, merge_trained, save_trained
 from afina.models.loading import load_model
 from afina.models.loreft import prompt_end_positions, prompt_mask_from_targets, segment_ids
-from afina.training.loop import evaluate_loss, train
+from afina.eval.loss import evaluate_loss
+from afina.training.loop import train
+from afina.training.objectives import token_objective
 
 QUIET = Console(quiet=True)
 
@@ -122,13 +124,13 @@ def test_method_trains_only_its_parameters_saves_and_reloads(name, tiny_model_di
     model = build(tiny_model_dir, method)
     trainable = trainable_parameters(model)
     assert sum(p.numel() for p in trainable.values()) == expected_trainable(name)
-    assert freezes_base(method) == (name not in ("full", "freeze"))
+    assert method.freezes_base == (name not in ("full", "freeze"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss_before, _ = evaluate_loss(model, data, 256, 1, pad)
+    loss_before, _ = evaluate_loss(model, data, token_objective(256, method.shares_prefixes), 1, pad)
     config = TrainingConfig(max_steps=steps, row_length=256, learning_rate=learning_rate, warmup_ratio=0.0,
                             schedule="constant", eval_every=100, save_every=100, precision="fp32")
     train(model, data, [], config, tmp_path / "run", pad, QUIET)
-    loss_after, _ = evaluate_loss(model, data, 256, 1, pad)
+    loss_after, _ = evaluate_loss(model, data, token_objective(256, method.shares_prefixes), 1, pad)
     assert loss_after < loss_before * 0.9, (loss_before, loss_after)
     for parameter_name, parameter in model.named_parameters():
         changed = not torch.equal(parameter, before[parameter_name])
@@ -136,7 +138,7 @@ def test_method_trains_only_its_parameters_saves_and_reloads(name, tiny_model_di
 
     model.eval()
     tuned_packed, tuned_single = packed_logits(model, probe), plain_logits(model, single)
-    if freezes_base(method):
+    if method.freezes_base:
         with base_model(model):
             assert torch.equal(packed_logits(model, probe), base_packed)
             assert torch.equal(plain_logits(model, single), base_single)
@@ -149,7 +151,7 @@ def test_method_trains_only_its_parameters_saves_and_reloads(name, tiny_model_di
 
     save_trained(model, method, tmp_path / "saved")
     saved_bytes = sum(f.stat().st_size for f in (tmp_path / "saved").iterdir())
-    if freezes_base(method):  # only what was trained is written, never the base
+    if method.freezes_base:  # only what was trained is written, never the base
         assert saved_bytes < 4 * sum(p.numel() for p in base.parameters())
     reloaded = load_trained(load_model(str(tiny_model_dir)), tmp_path / "saved").eval()
     torch.testing.assert_close(packed_logits(reloaded, probe), tuned_packed, rtol=0, atol=1e-6)
@@ -193,8 +195,7 @@ def test_prompt_learning_handles_packed_rows_and_generates_with_its_virtual_toke
         assert torch.equal(model.generate(**batch, **options), base.generate(**batch, **options))
 
 
-def test_loreft_edits_only_the_first_and_last_prompt_tokens(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path,
-                                                           monkeypatch):
+def test_loreft_edits_only_the_first_and_last_prompt_tokens(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path):
     # two packed examples: prompt of 5 then answer of 3, prompt of 4 then answer of 2
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5]])
     targets = torch.full((1, 14), -100)
@@ -214,24 +215,13 @@ def test_loreft_edits_only_the_first_and_last_prompt_tokens(tiny_model_dir, tiny
         body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     assert error.value.code == "loreft_prompt_mask_missing"
 
-    # train with the loss passing the prompt mask (the integration loss.py needs for prompt_ends)
-    from afina.training import loop, loss
-
-    def sft_loss_with_prompt(model, batch):
-        body, head = body_and_head(model)
-        mask = prompt_mask_from_targets(batch.targets, batch.position_ids)
-        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                      prompt_mask=mask).last_hidden_state
-        trained = batch.targets != -100
-        return loss.chunked_cross_entropy_sum(hidden[trained], batch.targets[trained], head)
-
-    monkeypatch.setattr(loop, "sft_loss_sum", sft_loss_with_prompt)
+    # sft_loss_sum passes the prompt mask read off the targets, so prompt_ends trains
     pad = tiny_tokenizer.pad_token_id
-    loss_before, _ = evaluate_loss(model, data, 256, 1, pad)
+    loss_before, _ = evaluate_loss(model, data, token_objective(256, method.shares_prefixes), 1, pad)
     config = TrainingConfig(max_steps=20, row_length=256, learning_rate=1e-1, warmup_ratio=0.0, schedule="constant",
                             eval_every=100, save_every=100, precision="fp32")
     train(model, data, [], config, tmp_path / "run", pad, QUIET)
-    loss_after, _ = evaluate_loss(model, data, 256, 1, pad)
+    loss_after, _ = evaluate_loss(model, data, token_objective(256, method.shares_prefixes), 1, pad)
     assert loss_after < loss_before * 0.95, (loss_before, loss_after)  # only 6 positions per example are edited
     rotation = model.afina_loreft.layers["0"].rotate.weight
     torch.testing.assert_close(rotation @ rotation.T, torch.eye(4), rtol=0, atol=1e-5)  # rows stay orthonormal
@@ -263,7 +253,7 @@ def test_bottleneck_adapters_start_as_the_identity(tiny_model_dir, tiny_tokenize
                                     LoreftMethod(r=2, positions="all", dropout=0.0), AdapterMethod(bottleneck=8),
                                     FreezeMethod(train_last_layers=1)], ids=lambda m: m.name)
 def test_gradient_checkpointing_gives_the_same_gradients(method, tiny_model_dir, tiny_tokenizer, ticket_rows):
-    from afina.training.loss import sft_loss_sum
+    from afina.training.losses import sft_loss_sum
 
     data = examples(tiny_tokenizer, ticket_rows)
     batch = collate_rows(pack_examples(data[:4], 256), tiny_tokenizer.pad_token_id)
@@ -324,8 +314,8 @@ def test_qlora_trains_lora_on_a_4bit_base(tiny_model_dir, tiny_tokenizer, ticket
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from afina.models.adapters import quantization_config
-    from afina.training.loss import sft_loss_sum
+    from afina.models.methods import quantization_config
+    from afina.training.losses import sft_loss_sum
 
     method = QloraMethod(r=4, gradient_checkpointing=True)
     check_method_supported(method)

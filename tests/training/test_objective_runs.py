@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from afina.config.loading import validate_config
 from afina.errors import AfinaError
-from afina.models.adapters import trainable_parameters
-from afina.pipeline import run as pipeline
+from afina.models.methods import trainable_parameters
+from afina.pipeline import stages as pipeline
 from afina.training.checkpoints import latest_checkpoint
 from tests.conftest import write_jsonl
 

@@ -1,0 +1,107 @@
+"""Read, check, split and tokenize a run's data, before anything is written or loaded.
+
+Everything that can be wrong with the input (config, data file, rows) is checked here, before the
+run directory is created, so bad input leaves nothing behind in the afina home.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import transformers
+
+from afina.config.schema import RunConfig
+from afina.data.mixture import mix_examples
+from afina.data.records import Record
+from afina.data.split import split_records
+from afina.data.validate import DataReport, load_records
+from afina.devices import resolve_precision
+from afina.errors import AfinaError
+from afina.models.loading import load_tokenizer
+from afina.models.methods import check_method_supported
+from afina.training.objectives import objective_for
+
+SPLITS = ("train", "validation", "test")
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecation notices, per-file progress bars) hides afina's own progress."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def resolve_data_path(path: str) -> Path:
+    if path.startswith("bundled:"):
+        name = path.removeprefix("bundled:")
+        bundled = resources.files("afina.data.example") / f"{name}.jsonl"
+        if not bundled.is_file():
+            raise AfinaError("file_not_found", f"no bundled dataset {name!r}", location="data.path",
+                             hint="the bundled dataset is bundled:tickets")
+        return Path(str(bundled))
+    return Path(path).expanduser()
+
+
+@dataclass
+class PreparedData:
+    """The run's rows and tokenized units per split. With `datasets`, `splits` and `examples` hold every
+    task together (training examples drawn by the mixture), and `tasks` each task's own splits."""
+
+    report: DataReport  # the first task's with datasets
+    splits: dict[str, list[Record]]
+    examples: dict[str, list]  # Example (sft, cpt), PreferencePair (dpo, orpo, reward) or KtoExample (kto)
+    tokenizer: object
+    tasks: dict[str, dict[str, list[Record]]] = field(default_factory=dict)
+    reports: dict[str, DataReport] = field(default_factory=dict)
+    train_tasks: list[str] = field(default_factory=list)  # the task of each training example (datasets only)
+
+
+def weights_dtype(config: RunConfig) -> torch.dtype:
+    """bf16 for a frozen base when the run computes in bf16 (half the memory, and autocast no longer
+    re-casts every weight at every step); fp32 for weights that are trained."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if resolve_precision(config.training.precision, device) == "bf16" and config.method.freezes_base:
+        return torch.bfloat16
+    return torch.float32
+
+
+def prepare_data(config: RunConfig) -> PreparedData:
+    """Read, check, split and tokenize. Raises AfinaError on bad input; writes nothing except the
+    one-time default-model cache."""
+    check_method_supported(config.method)  # a CUDA-only method on a CPU machine: refuse before any work
+    objective = objective_for(config)
+    objective.check(config)  # e.g. dpo/kto on full or freeze: no frozen base to compare with
+    sources = {"": config.data.path} if config.datasets is None else {
+        name: task.path for name, task in config.datasets.tasks.items()}
+    paths, reports, tasks = {}, {}, {}
+    for task, source in sources.items():  # every file is checked before any is tokenized
+        paths[task] = resolve_data_path(source)
+        reports[task] = load_records(paths[task], skip_invalid=config.data.skip_invalid)
+        objective.check_rows(reports[task].records, str(paths[task]))
+        tasks[task] = split_records(reports[task].records, config.data.validation, config.data.test,
+                                    config.data.split_seed)
+        if not tasks[task]["train"]:
+            raise AfinaError("no_training_rows", "the split left no training rows", location=str(paths[task]),
+                             hint="add rows or lower data.validation / data.test")
+    tokenizer = load_tokenizer(config.model)
+    examples = {task: {name: tokenize_split(rows, tokenizer, config, str(paths[task])) for name, rows in splits.items()}
+                for task, splits in tasks.items()}
+    if config.datasets is None:
+        return PreparedData(reports[""], tasks[""], examples[""], tokenizer)
+    train, train_tasks = mix_examples({task: units["train"] for task, units in examples.items()},
+                                      config.datasets.weights(), config.datasets.temperature, config.training.seed)
+    together = {name: [row for splits in tasks.values() for row in splits[name]] for name in SPLITS}
+    units = {name: [unit for task_units in examples.values() for unit in task_units[name]] for name in SPLITS}
+    return PreparedData(next(iter(reports.values())), together, {**units, "train": train}, tokenizer, tasks, reports,
+                        train_tasks)
+
+
+def tokenize_split(records: list[Record], tokenizer, config: RunConfig, path: str = "") -> list:
+    """The units the run's objective trains on (`Objective.tokenize`): examples, pairs or completions."""
+    return objective_for(config).tokenize(records, tokenizer, path)

@@ -1,0 +1,165 @@
+"""The stages of a run: train from a config (or resume), then compare the tuned model with its base.
+
+    afina train configs/tickets-lora.yaml training.max_steps=20
+    afina eval ~/.afina/runs/tickets-20261123-101500
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from afina.config.schema import RunConfig
+from afina.data.records import Record
+from afina.errors import AfinaError
+from afina.estimate import check_before_launch
+from afina.eval.compare import comparison_table
+from afina.models.artifacts import load_trained, save_trained
+from afina.models.loading import load_model, load_tokenizer
+from afina.models.methods import apply_method, base_model
+from afina.pipeline.prepare import PreparedData, prepare_data, quiet_libraries, tokenize_split, weights_dtype
+from afina.pipeline.run_dir import load_run_config, new_run_dir, read_split, write_run_inputs
+from afina.training.allocator import missing_allocator_hint
+from afina.training.loop import TrainResult, train
+from afina.training.objectives import objective_for
+
+
+def load_tuned_model(config: RunConfig, run_dir: Path):
+    """The base model with what the run trained put back on it (adapter, modules or weights, and a
+    reward model's head)."""
+    objective = objective_for(config)
+    base = load_model(config.model, dtype=weights_dtype(config))
+    objective.prepare_model(base, config.training.seed)  # a full run saved its additions among the parameters
+    model = load_trained(base, run_dir / "adapter")
+    objective.load_extras(model, run_dir / "adapter")
+    return model
+
+
+def run_training(config: RunConfig, console: Console, resume_dir: Path | None = None) -> tuple[Path, TrainResult]:
+    """Train from a config (or resume the run in `resume_dir`); returns the run directory."""
+    data = prepare_run(config, console)
+    run_dir = resume_dir or new_run_dir(config.name)
+    if resume_dir is None:
+        write_run_inputs(run_dir, config, data)
+    return run_dir, train_run(config, data, run_dir, console)
+
+
+def prepare_run(config: RunConfig, console: Console) -> PreparedData:
+    """Read, check, split and tokenize the data, and refuse a run that cannot fit; writes nothing."""
+    quiet_libraries()
+    data = prepare_data(config)
+    for task, report in (data.reports or {"": data.report}).items():
+        splits = data.tasks.get(task, data.splits)
+        console.print(f"data{' ' + task if task else ''}: {report.rows_read} rows read, {report.rows_skipped} skipped, "
+                      "splits " + ", ".join(f"{n} {len(r)}" for n, r in splits.items()))
+    if data.tasks:
+        console.print("mixture: training draws " + ", ".join(f"{t} {data.train_tasks.count(t)}" for t in data.tasks))
+    warning = check_before_launch(config, data.examples["train"])  # refuses a run that cannot fit
+    if warning:
+        console.print(f"[yellow]warning[/]: {warning}")
+    hint = missing_allocator_hint()
+    if hint:
+        console.print(f"[yellow]note[/]: {hint}")
+    return data
+
+
+def train_run(config: RunConfig, data: PreparedData, run_dir: Path, console: Console) -> TrainResult:
+    """Load the model, apply the method, train (resuming from the run's last good checkpoint), and save
+    what was trained in `run_dir/adapter`."""
+    with console.status(f"loading {config.model} (the default model is converted from GGUF on first use)"):
+        model = load_model(config.model, dtype=weights_dtype(config))
+    torch.manual_seed(config.training.seed)
+    model = apply_method(model, config.method)
+    objective = objective_for(config)
+    objective.prepare_model(model, config.training.seed)
+    result = train(model, data.examples["train"], data.examples["validation"], config.training, run_dir,
+                   data.tokenizer.pad_token_id, console, objective=objective,
+                   paged_optimizer=config.method.uses_paged_optimizer)
+    if result.status == "interrupted":
+        console.print(f"interrupted at step {result.steps}; checkpoint saved. Resume with: afina train --resume {run_dir}")
+        return result
+    save_trained(model, config.method, run_dir / "adapter")
+    objective.save_extras(model, run_dir / "adapter", config)
+    data.tokenizer.save_pretrained(run_dir / "adapter")
+    notes = {"early_stopped": f"; stopped early, keeping the best step {result.best_step}",
+             "time_limit": "; stopped at training.max_time_minutes",
+             "cost_limit": "; stopped at training.max_cost",
+             "diverged": f"; stopped after repeated non-finite losses ({result.skipped_steps} steps skipped): "
+                         "lower training.learning_rate"}
+    cost = f", ${result.cost:,.2f}" if result.cost else ""
+    console.print(f"trained {result.steps} steps in {result.seconds:.0f}s ({result.tokens_per_second:,.0f} tok/s{cost})"
+                  f"{notes.get(result.status, '')}; run directory {run_dir}")
+    return result
+
+
+def evaluate_run(run_dir: Path, console: Console, model=None) -> dict:
+    """Compare the tuned model with its base on the run's test split (each task's with `datasets`);
+    writes eval.json.
+
+    With a frozen base the base model is the tuned one with its additions switched off (one copy in
+    memory); full and freeze runs load a second, untouched copy."""
+    quiet_libraries()
+    config = load_run_config(run_dir)
+    tokenizer = load_tokenizer(config.model)
+    names = {"": "test"} if config.datasets is None else {task: f"test-{task}" for task in config.datasets.tasks}
+    tasks = {}
+    for task, split in names.items():
+        records = read_split(run_dir, split)[: config.eval.max_examples or None]
+        if not records:
+            raise AfinaError("no_test_rows", "the run has an empty test split",
+                             location=str(run_dir / f"{split}.jsonl"))
+        tasks[task] = (records, tokenize_split(records, tokenizer, config))
+    if model is None:
+        model = load_tuned_model(config, run_dir)
+    results = {task: compare_with_base(config, model, tokenizer, records, units, console)
+               for task, (records, units) in tasks.items()}
+    report = {"run": str(run_dir), "model": config.model, "objective": config.objective.name}
+    if config.datasets is None:
+        report.update(base=results[""][0], tuned=results[""][1])
+    else:  # per task, and their plain average (each task counts once, whatever its size)
+        report.update(base=average_metrics([b for b, _ in results.values()]),
+                      tuned=average_metrics([t for _, t in results.values()]),
+                      tasks={task: {"base": b, "tuned": t} for task, (b, t) in results.items()})
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    for task, (base, tuned) in results.items():
+        where = f"task {task}: " if task else ""
+        title = f"{where}base vs tuned ({config.objective.name}) on the test split"
+        console.print(comparison_table(base, tuned, title))
+    return report
+
+
+def base_scope(config: RunConfig, model):
+    """A context-manager factory yielding the base model: `model` with its additions off, or for
+    full / freeze a freshly loaded copy (dropped at the end)."""
+
+    @contextlib.contextmanager
+    def scope():
+        if config.method.freezes_base:
+            with base_model(model) as view:
+                yield view
+        else:
+            untouched = load_model(config.model, dtype=weights_dtype(config))
+            try:
+                yield untouched
+            finally:
+                del untouched
+
+    return scope
+
+
+def compare_with_base(config: RunConfig, model, tokenizer, records: list[Record], units: list,
+                      console: Console) -> tuple[dict, dict]:
+    """(base, tuned) metrics on one test split, as the run's objective measures them
+    (`Objective.evaluate`): loss and generation metrics, or preference accuracy and margins."""
+    with console.status("evaluating the base and the tuned model on the test split"):
+        return objective_for(config).evaluate(model, base_scope(config, model), tokenizer, records, units, config)
+
+
+def average_metrics(results: list[dict]) -> dict:
+    """The mean of each number every result has (nested field accuracies left out)."""
+    keys = [key for key, value in results[0].items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return {key: sum(r[key] for r in results) / len(results) for key in keys if all(key in r for r in results)}
