@@ -21,3 +21,9 @@ class AfinaError(Exception):
         where = f" at {self.location}" if self.location else ""
         hint = f" ({self.hint})" if self.hint else ""
         return f"error[{self.code}]{where}: {self.message}{hint}"
+
+
+def render_warning(code: str, message: str, location: str | None = None) -> str:
+    """A warning as one line, shaped like an error: `warning[code] at location: message`."""
+    where = f" at {location}" if location else ""
+    return f"warning[{code}]{where}: {message}"

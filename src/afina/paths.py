@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from afina.errors import AfinaError
+
 
 def afina_home() -> Path:
     """The afina home directory. Not created here: only commands that write create it."""
@@ -17,3 +19,20 @@ def models_cache_dir() -> Path:
 
 def runs_dir() -> Path:
     return afina_home() / "runs"
+
+
+def check_afina_home() -> Path:
+    """The afina home, refused before any work when a run could not be written there: a file in its
+    place, or a folder (or the nearest existing parent of one yet to be made) afina cannot write to.
+    Creates nothing."""
+    home = afina_home()
+    existing = home
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise AfinaError("afina_home_unusable", "the afina home is a file, not a folder", location=str(existing),
+                         hint="point AFINA_HOME at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AfinaError("afina_home_unusable", "afina cannot write to the afina home", location=str(existing),
+                         hint="make it writable, or point AFINA_HOME at a folder you can write to")
+    return home

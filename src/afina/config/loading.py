@@ -38,7 +38,9 @@ def merge(base: dict, overrides: dict) -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read and validate a run config; relative data paths are resolved against the config's folder."""
+    """Read and validate a run config. Relative paths written in the file resolve against the
+    config's folder; relative paths given as overrides on the command line against the current
+    directory (where the user typed them)."""
     path = Path(path)
     if not path.is_file():
         raise AfinaError("file_not_found", "no such config file", location=str(path))
@@ -52,18 +54,79 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise AfinaError("invalid_yaml", str(getattr(exc, "problem", exc)), location=where) from exc
     if not isinstance(raw, dict):
         raise AfinaError("invalid_config", "the config must be a YAML mapping", location=str(path))
-    config = validate_config(merge(raw, parse_overrides(overrides or [])), source=str(path))
-    config.data.path = resolve_relative(config.data.path, path.parent)
-    for task in (config.datasets.tasks.values() if config.datasets else ()):
-        task.path = resolve_relative(task.path, path.parent)
-    return config
+    typed = resolve_paths(parse_overrides(overrides or []), Path.cwd())
+    return validate_config(merge(resolve_paths(raw, path.parent.resolve()), typed), source=str(path))
+
+
+DATA_PATH_KEYS = ("path", "test_path", "validation_path")
+
+
+def resolve_paths(raw: dict, folder: Path) -> dict:
+    """A copy of a raw config (or overrides) with its relative file paths made absolute against
+    `folder`: data.path, data.test_path, data.validation_path, datasets.tasks.*.path, and `model`
+    when it names a local directory. Anything of the wrong shape is left for validation to report."""
+    raw = dict(raw)
+    if isinstance(raw.get("data"), dict):
+        raw["data"] = {key: resolve_relative(value, folder) if key in DATA_PATH_KEYS and isinstance(value, str)
+                       else value for key, value in raw["data"].items()}
+    datasets = raw.get("datasets")
+    if isinstance(datasets, dict) and isinstance(datasets.get("tasks"), dict):
+        tasks = {name: {**task, "path": resolve_relative(task["path"], folder)}
+                 if isinstance(task, dict) and isinstance(task.get("path"), str) else task
+                 for name, task in datasets["tasks"].items()}
+        raw["datasets"] = {**datasets, "tasks": tasks}
+    if isinstance(raw.get("model"), str) and is_local_model_path(raw["model"], folder):
+        raw["model"] = resolve_relative(raw["model"], folder)
+    return raw
+
+
+def is_local_model_path(model: str, folder: Path) -> bool:
+    """`./m`, `../m`, `~/m`, `/m`, or a name that exists as a folder there; `default` and hub ids
+    (`org/name`) that are not folders stay as they are."""
+    if model == "default":
+        return False
+    return model.startswith((".", "/", "~")) or (folder / model).exists()
 
 
 def resolve_relative(data_path: str | None, folder: Path) -> str | None:
-    """A data path relative to the config's folder made absolute; bundled and absolute paths as they are."""
-    if data_path is None or data_path.startswith("bundled:") or Path(data_path).expanduser().is_absolute():
+    """A path relative to `folder` made absolute (`~` expanded); bundled paths as they are."""
+    if data_path is None or data_path.startswith("bundled:"):
         return data_path
-    return str((folder / data_path).resolve())
+    expanded = Path(data_path).expanduser()
+    return str(expanded if expanded.is_absolute() else (folder / expanded).resolve())
+
+
+RESUMABLE_KEYS = ("training.max_steps", "training.epochs", "training.max_time_minutes", "training.max_cost")
+
+
+def apply_resume_overrides(config: RunConfig, overrides: list[str], source: str = "command line") -> RunConfig:
+    """The saved config of a run being resumed, with the overrides a resume may change: more steps or
+    epochs, other time and cost budgets. Anything else would make the checkpoints describe another
+    run, so it is refused with the key named; so is fewer steps or epochs than the run was given."""
+    flat = flatten(parse_overrides(overrides))
+    refused = [key for key in flat if key not in RESUMABLE_KEYS]
+    if refused:
+        raise AfinaError("resume_override_refused", f"a resumed run cannot change {', '.join(refused)}",
+                         location=refused[0], hint="a resume may change only " + ", ".join(RESUMABLE_KEYS)
+                         + "; start a new run to change anything else")
+    for key in ("training.max_steps", "training.epochs"):
+        before = getattr(config.training, key.split(".")[1])
+        after = flat.get(key)
+        if isinstance(after, (int, float)) and before is not None and after < before:
+            raise AfinaError("resume_override_refused", f"a resume may extend {key}, not lower it ({before} -> {after})",
+                             location=key, hint="start a new run for a shorter one")
+    return validate_config(merge(config.model_dump(mode="json"), parse_overrides(overrides)), source=source)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"training": {"max_steps": 5}} -> {"training.max_steps": 5}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def validate_config(raw: dict, source: str = "config") -> RunConfig:

@@ -14,8 +14,16 @@ class DataConfig(Strict):
     path: str | None = Field(None, description="Data file (.jsonl, .json, .csv, .parquet), relative to the config "
                                                "file, or `bundled:tickets` for the example IT-support tickets. "
                                                "Leave out when `datasets` lists several files.")
-    validation: float = Field(0.1, ge=0, lt=1, description="Fraction of rows held out for validation during training.")
-    test: float = Field(0.1, ge=0, lt=1, description="Fraction of rows held out for the final base-vs-tuned test.")
+    validation: float = Field(0.1, ge=0, lt=1, description="Fraction of rows held out for validation during training "
+                                                           "(not used with validation_path).")
+    test: float = Field(0.1, ge=0, lt=1, description="Fraction of rows held out for the final base-vs-tuned test "
+                                                     "(not used with test_path).")
+    test_path: str | None = Field(None, description="A file used as the test split as it is, instead of cutting one "
+                                                    "from `path` (same formats and checks; relative to the config "
+                                                    "file). Rows it shares with the training rows are reported as "
+                                                    "a test_overlap warning.")
+    validation_path: str | None = Field(None, description="A file used as the validation split as it is, instead "
+                                                          "of cutting one from `path`.")
     split_seed: int = Field(0, description="Seed of the content-hash split; changing it reshuffles the splits.")
     max_length: int = Field(1024, ge=16, description="Longest example in tokens; longer ones are truncated.")
     train_on_prompt: bool = Field(False, description="Train on every token, not just assistant answers.")
@@ -165,6 +173,8 @@ class RunConfig(Strict):
         if (self.data.path is None) == (self.datasets is None):
             raise ValueError("give data.path (one file) or datasets (several), not both" if self.datasets
                              else "data.path is required (or list several files under datasets)")
+        if self.datasets is not None and (self.data.test_path or self.data.validation_path):
+            raise ValueError("data.test_path and data.validation_path go with data.path, not with datasets")
         return self
 
     @model_validator(mode="before")

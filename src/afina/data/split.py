@@ -8,6 +8,7 @@ which keeps a test row from leaking into training).
 from __future__ import annotations
 
 import hashlib
+import json
 
 from afina.data.records import Record
 
@@ -30,3 +31,27 @@ def split_records(records: list[Record], validation: float, test: float, seed: i
         else:
             splits["train"].append(record)
     return splits
+
+
+def overlap_key(record: Record) -> str:
+    """What a record says, every run of whitespace in its text collapsed to one space: two rows with
+    the same key are the same example, whatever their format or place in a file."""
+    content = {k: v for k, v in record.to_json().items() if k not in ("line", "source_format", "extra")}
+    return json.dumps(collapse_whitespace(content), ensure_ascii=False, sort_keys=True)
+
+
+def collapse_whitespace(value):
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, dict):
+        return {key: collapse_whitespace(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [collapse_whitespace(item) for item in value]
+    return value
+
+
+def overlapping_records(held_out: list[Record], train: list[Record]) -> list[Record]:
+    """The held-out records that also appear among the training records (exact duplicates after
+    normalizing whitespace)."""
+    seen = {overlap_key(record) for record in train}
+    return [record for record in held_out if overlap_key(record) in seen]

@@ -78,6 +78,39 @@ def read_method(directory: Path) -> AnyMethod | None:
         raise AfinaError("artifact_invalid", f"cannot read the recorded method: {exc}", location=str(path)) from None
 
 
+def check_trained(directory: str | Path) -> None:
+    """Refuse what `load_trained` could not read, before any model loads: no trained weights, an
+    unreadable method record, a missing or truncated safetensors file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AfinaError("artifact_not_found", "the run has no trained weights (did training finish?)",
+                         location=str(directory), hint="finish the run with afina train --resume RUN")
+    method = read_method(directory)
+    check_safetensors(directory / ("adapter_model.safetensors" if method is None or method.kind == "peft"
+                                   else WEIGHTS_FILE))
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose tensors end exactly at the end of the file
+    (a truncated or padded file fails); reads the header only."""
+    if not path.is_file():
+        raise AfinaError("artifact_not_found", "the trained weights file is missing", location=str(path))
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise ValueError(f"the header claims {length} bytes of a {size}-byte file")
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        raise AfinaError("artifact_invalid", f"not a readable safetensors file: {exc}", location=str(path),
+                         hint="the file is damaged; train the run again") from None
+    if 8 + length + end != size:
+        raise AfinaError("artifact_invalid", f"the file holds {size} bytes, its header describes {8 + length + end} "
+                         "(truncated?)", location=str(path), hint="the file is damaged; train the run again")
+
+
 def load_trained(base_model: PreTrainedModel, directory: str | Path) -> nn.Module:
     """Rebuild the tuned model from a freshly loaded base and what `save_trained` wrote.
 

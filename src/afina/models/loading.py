@@ -15,8 +15,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+from functools import cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -99,9 +102,45 @@ def resolve_model_dir(name: str) -> str:
                              hint="point model: at a Hugging Face model directory")
         return str(path)
     if HUB_ID.match(name):
-        return name
+        return resolve_hub_id(name)
     raise AfinaError("model_not_found", f"no model directory or hub id {name!r}", location="model",
                      hint="use `default`, a local Hugging Face directory, or a hub id such as org/name")
+
+
+def resolve_hub_id(name: str) -> str:
+    """A hub id as is when the hub can be reached; without network, the model's folder in the local
+    Hugging Face cache, or at once a `model_not_found` error (instead of a minute of retries)."""
+    if not hub_offline():
+        return name
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    reason = "HF_HUB_OFFLINE is set" if offline_by_setting() else "the model hub cannot be reached"
+    raise AfinaError("model_not_found", f"{name!r} is not in the local Hugging Face cache and {reason}",
+                     location="model", hint="without network use `default` or a local model directory; "
+                                            "or download the model once where the hub can be reached")
+
+
+def offline_by_setting() -> bool:
+    return any(os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on")
+               for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_offline() -> bool:
+    """True when the user said so (HF_HUB_OFFLINE) or the hub does not answer a 2-second connect."""
+    return offline_by_setting() or not hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@cache
+def hub_reachable(endpoint: str) -> bool:
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -132,6 +171,15 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
         raise AfinaError("model_not_found", f"cannot load model {name!r}: {exc}", location="model",
                          hint="without network only `default` and local directories work") from exc
     return model
+
+
+def check_model_available(name: str) -> None:
+    """Refuse a model that cannot be loaded, before any data is tokenized or weights read: the default
+    model's package missing, a folder without config.json, a hub id without network."""
+    if name == "default":
+        default_gguf_path()
+    else:
+        resolve_model_dir(name)
 
 
 def model_config(name: str):

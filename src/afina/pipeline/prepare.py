@@ -18,12 +18,13 @@ import transformers
 from afina.config.schema import RunConfig
 from afina.data.mixture import mix_examples
 from afina.data.records import Record
-from afina.data.split import split_records
+from afina.data.split import overlapping_records, split_records
 from afina.data.validate import DataReport, load_records
 from afina.devices import resolve_precision
-from afina.errors import AfinaError
-from afina.models.loading import load_tokenizer
+from afina.errors import AfinaError, render_warning
+from afina.models.loading import check_model_available, load_tokenizer
 from afina.models.methods import check_method_supported
+from afina.training.cost import load_price_table, price_per_hour
 from afina.training.objectives import objective_for
 
 SPLITS = ("train", "validation", "test")
@@ -60,6 +61,8 @@ class PreparedData:
     tasks: dict[str, dict[str, list[Record]]] = field(default_factory=dict)
     reports: dict[str, DataReport] = field(default_factory=dict)
     train_tasks: list[str] = field(default_factory=list)  # the task of each training example (datasets only)
+    held_out: dict[str, DataReport] = field(default_factory=dict)  # data.test_path / validation_path, by split
+    warnings: list[str] = field(default_factory=list)  # rendered `warning[code] at ...` lines
 
 
 def weights_dtype(config: RunConfig) -> torch.dtype:
@@ -77,29 +80,68 @@ def prepare_data(config: RunConfig) -> PreparedData:
     check_method_supported(config.method)  # a CUDA-only method on a CPU machine: refuse before any work
     objective = objective_for(config)
     objective.check(config)  # e.g. dpo/kto on full or freeze: no frozen base to compare with
+    load_price_table()  # a broken $AFINA_HOME/prices.yaml or an unknown training.machine fails here,
+    price_per_hour(config.training.machine, config.training.price_per_hour)  # not after the model loads
+    check_model_available(config.model)
     sources = {"": config.data.path} if config.datasets is None else {
         name: task.path for name, task in config.datasets.tasks.items()}
+    held_out_sources = {} if config.datasets is not None else {
+        name: source for name, source in (("validation", config.data.validation_path),
+                                          ("test", config.data.test_path)) if source}
     paths, reports, tasks = {}, {}, {}
     for task, source in sources.items():  # every file is checked before any is tokenized
         paths[task] = resolve_data_path(source)
         reports[task] = load_records(paths[task], skip_invalid=config.data.skip_invalid)
         objective.check_rows(reports[task].records, str(paths[task]))
-        tasks[task] = split_records(reports[task].records, config.data.validation, config.data.test,
-                                    config.data.split_seed)
-        if not tasks[task]["train"]:
-            raise AfinaError("no_training_rows", "the split left no training rows", location=str(paths[task]),
-                             hint="add rows or lower data.validation / data.test")
+        tasks[task] = split_records(reports[task].records,
+                                    0.0 if "validation" in held_out_sources else config.data.validation,
+                                    0.0 if "test" in held_out_sources else config.data.test, config.data.split_seed)
+    held_out = {}
+    for name, source in held_out_sources.items():
+        path = resolve_data_path(source)
+        held_out[name] = load_records(path, skip_invalid=config.data.skip_invalid)
+        objective.check_rows(held_out[name].records, str(path))
+        tasks[""][name] = held_out[name].records
+    warnings = [line for task in tasks for line in check_split_sizes(tasks[task], config, held_out_sources,
+                                                                     str(paths[task]))]
+    for name, report in held_out.items():
+        shared = overlapping_records(report.records, tasks[""]["train"])
+        if shared:
+            warnings.append(render_warning(
+                "test_overlap", f"{len(shared)} of {len(report.records)} {name} rows also appear in the training "
+                f"rows (first at line {shared[0].line}); they measure memory, not generalization", report.path))
     tokenizer = load_tokenizer(config.model)
     examples = {task: {name: tokenize_split(rows, tokenizer, config, str(paths[task])) for name, rows in splits.items()}
                 for task, splits in tasks.items()}
     if config.datasets is None:
-        return PreparedData(reports[""], tasks[""], examples[""], tokenizer)
+        return PreparedData(reports[""], tasks[""], examples[""], tokenizer, held_out=held_out, warnings=warnings)
     train, train_tasks = mix_examples({task: units["train"] for task, units in examples.items()},
                                       config.datasets.weights(), config.datasets.temperature, config.training.seed)
     together = {name: [row for splits in tasks.values() for row in splits[name]] for name in SPLITS}
     units = {name: [unit for task_units in examples.values() for unit in task_units[name]] for name in SPLITS}
     return PreparedData(next(iter(reports.values())), together, {**units, "train": train}, tokenizer, tasks, reports,
-                        train_tasks)
+                        train_tasks, warnings=warnings)
+
+
+def check_split_sizes(splits: dict[str, list[Record]], config: RunConfig, held_out: dict[str, str],
+                      path: str) -> list[str]:
+    """Refuse a split that leaves nothing to train on or nothing to test on (the comparison with the
+    base is the point of a run); an empty validation split only costs the validation loss, so it is a
+    warning. Both say how many rows each split got and what to change."""
+    sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
+    if not splits["train"]:
+        raise AfinaError("no_training_rows", f"the split left no training rows ({sizes})", location=path,
+                         hint="add rows or lower data.validation / data.test")
+    if not splits["test"] and config.data.test > 0 and "test" not in held_out:
+        raise AfinaError("too_few_rows", f"{sum(map(len, splits.values()))} rows split into {sizes}: no test rows to "
+                         "compare the tuned model with its base", location=path,
+                         hint=f"add rows (data.test={config.data.test:g} holds out about 1 in "
+                              f"{round(1 / config.data.test)}), give a test file as data.test_path, "
+                              "or set data.test=0 to train without a test")
+    if not splits["validation"] and config.data.validation > 0 and "validation" not in held_out:
+        return [render_warning("too_few_rows", f"{sum(map(len, splits.values()))} rows split into {sizes}: no "
+                               "validation rows, so no validation loss and no early stopping", path)]
+    return []
 
 
 def tokenize_split(records: list[Record], tokenizer, config: RunConfig, path: str = "") -> list:

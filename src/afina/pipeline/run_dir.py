@@ -6,31 +6,68 @@
     RUN/checkpoints/            atomic checkpoints (`afina.training.checkpoints`)
     RUN/adapter/                what the method trained, and the tokenizer
     RUN/metrics.jsonl, loss.png, eval.json
+
+A new run directory appears whole or not at all: its inputs are written into a hidden staging
+directory under runs/ and renamed into place (`create_run_dir`). Commands that read a run check it
+first (`check_run_dir`), so a damaged file is one located error before any model loads.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from afina.config.loading import describe_error
 from afina.config.schema import RunConfig
 from afina.data.records import Record
 from afina.data.validate import DataReport
 from afina.errors import AfinaError
+from afina.models.artifacts import check_trained
 from afina.paths import runs_dir
 from afina.pipeline.prepare import PreparedData
 
 
 def new_run_dir(name: str) -> Path:
+    """A fresh, empty run directory `runs/NAME-YYYYmmdd-HHMMSS`. Prefer `create_run_dir`, which
+    writes the inputs atomically."""
+    path = free_run_path(name)
+    path.mkdir(parents=True)
+    return path
+
+
+def free_run_path(name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = runs_dir() / f"{name}-{stamp}"
     suffix = 1
     while path.exists():
         suffix += 1
         path = runs_dir() / f"{name}-{stamp}-{suffix}"
-    path.mkdir(parents=True)
     return path
+
+
+def create_run_dir(config: RunConfig, data: PreparedData) -> Path:
+    """A new run directory holding the run's inputs, created atomically: written in a hidden staging
+    directory under runs/, then renamed into place, so a failure leaves no half-written run."""
+    runs_dir().mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{config.name}-", dir=runs_dir()))
+    try:
+        write_run_inputs(staging, config, data)
+        while True:
+            path = free_run_path(config.name)
+            try:
+                os.rename(staging, path)  # fails, rather than merging, if another run took the name
+                return path
+            except OSError:
+                if not path.exists():
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_run_inputs(run_dir: Path, config: RunConfig, data: PreparedData) -> None:
@@ -43,6 +80,9 @@ def write_run_inputs(run_dir: Path, config: RunConfig, data: PreparedData) -> No
                    "drawn": {task: data.train_tasks.count(task) for task in data.tasks}}
         for task, splits in data.tasks.items():
             write_records(run_dir / f"test-{task}.jsonl", splits["test"])
+    if data.held_out:  # data.test_path / data.validation_path, used as they are
+        summary["held_out"] = {name: {"path": report.path, "rows_read": report.rows_read,
+                                      "rows_skipped": report.rows_skipped} for name, report in data.held_out.items()}
     (run_dir / "data_report.json").write_text(json.dumps(summary, indent=2))
 
 
@@ -58,13 +98,55 @@ def write_records(path: Path, records: list[Record]) -> None:
             handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
 
 
+def save_run_config(run_dir: Path, config: RunConfig) -> None:
+    """Replace the run's config.json atomically (a resume that changed its budgets)."""
+    staging = run_dir / ".config.json.tmp"
+    staging.write_text(config.model_dump_json(indent=2))
+    os.replace(staging, run_dir / "config.json")
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
+    """The run's saved config; a missing directory, or a config.json that is damaged (truncated,
+    emptied, edited into an invalid config), is one located error."""
     path = run_dir / "config.json"
-    if not path.is_file():
+    if not run_dir.is_dir() or not path.is_file():
         raise AfinaError("run_not_found", "not a run directory (no config.json)", location=str(run_dir))
-    return RunConfig.model_validate_json(path.read_text())
+    try:
+        return RunConfig.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        problems = [describe_error(error) if error["type"] != "json_invalid" else f"not valid JSON ({error['msg']})"
+                    for error in exc.errors()]
+        raise AfinaError("run_damaged", f"the run's config is damaged: {'; '.join(problems[:5])}", location=str(path),
+                         hint="the run cannot be used as it is; start a new run") from None
 
 
 def read_split(run_dir: Path, name: str) -> list[Record]:
+    """A split the run wrote; a damaged line is an error at its file:line."""
     path = run_dir / f"{name}.jsonl"
-    return [Record.from_json(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    if not path.is_file():
+        raise AfinaError("run_damaged", f"the run's {name} split is missing", location=str(path))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise AfinaError("run_damaged", "the split is not UTF-8 text", location=str(path)) from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            records.append(Record.from_json(json.loads(line)))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise AfinaError("run_damaged", f"not a record written by afina ({type(exc).__name__}: {exc})"[:300],
+                             location=f"{path}:{number}", hint="the run's split is damaged; start a new run") from None
+    return records
+
+
+def check_run_dir(run_dir: Path, splits: tuple[str, ...] = (), trained: bool = False) -> RunConfig:
+    """Check what a command is about to read from a run, before any model loads: its config, the
+    named splits (each line), and with `trained` the trained weights. Returns the config."""
+    config = load_run_config(run_dir)
+    for name in splits:
+        read_split(run_dir, name)
+    if trained:
+        check_trained(run_dir / "adapter")
+    return config

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,12 +19,14 @@ from afina.data.records import Record
 from afina.errors import AfinaError
 from afina.estimate import check_before_launch
 from afina.eval.compare import comparison_table
-from afina.models.artifacts import load_trained, save_trained
+from afina.models.artifacts import check_trained, load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.models.methods import apply_method, base_model
 from afina.pipeline.prepare import PreparedData, prepare_data, quiet_libraries, tokenize_split, weights_dtype
-from afina.pipeline.run_dir import load_run_config, new_run_dir, read_split, write_run_inputs
+from afina.paths import check_afina_home
+from afina.pipeline.run_dir import create_run_dir, load_run_config, read_split, save_run_config
 from afina.training.allocator import missing_allocator_hint
+from afina.training.checkpoints import list_checkpoints
 from afina.training.loop import TrainResult, train
 from afina.training.objectives import objective_for
 
@@ -40,18 +43,31 @@ def load_tuned_model(config: RunConfig, run_dir: Path):
 
 
 def run_training(config: RunConfig, console: Console, resume_dir: Path | None = None) -> tuple[Path, TrainResult]:
-    """Train from a config (or resume the run in `resume_dir`); returns the run directory."""
+    """Train from a config (or resume the run in `resume_dir` with `config`, its saved config with any
+    changed budgets); returns the run directory. Everything is checked and the model loaded before a
+    new run directory appears, and one that fails before its first checkpoint is removed again."""
     data = prepare_run(config, console)
-    run_dir = resume_dir or new_run_dir(config.name)
-    if resume_dir is None:
-        write_run_inputs(run_dir, config, data)
-    return run_dir, train_run(config, data, run_dir, console)
+    if resume_dir is not None:
+        if config != load_run_config(resume_dir):
+            save_run_config(resume_dir, config)
+        return resume_dir, train_run(config, data, resume_dir, console)
+    model = load_training_model(config, console)
+    run_dir = create_run_dir(config, data)
+    try:
+        return run_dir, train_run(config, data, run_dir, console, model)
+    except BaseException:
+        if not list_checkpoints(run_dir / "checkpoints"):  # nothing to resume from: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def prepare_run(config: RunConfig, console: Console) -> PreparedData:
     """Read, check, split and tokenize the data, and refuse a run that cannot fit; writes nothing."""
+    check_afina_home()  # a run is written there: refuse an unusable home before any work
     quiet_libraries()
     data = prepare_data(config)
+    for line in data.warnings:
+        console.print(line, markup=False, highlight=False, style="yellow")
     for task, report in (data.reports or {"": data.report}).items():
         splits = data.tasks.get(task, data.splits)
         console.print(f"data{' ' + task if task else ''}: {report.rows_read} rows read, {report.rows_skipped} skipped, "
@@ -67,13 +83,19 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedData:
     return data
 
 
-def train_run(config: RunConfig, data: PreparedData, run_dir: Path, console: Console) -> TrainResult:
-    """Load the model, apply the method, train (resuming from the run's last good checkpoint), and save
-    what was trained in `run_dir/adapter`."""
+def load_training_model(config: RunConfig, console: Console):
+    """The base model with the run's method applied, ready for `train_run`."""
     with console.status(f"loading {config.model} (the default model is converted from GGUF on first use)"):
         model = load_model(config.model, dtype=weights_dtype(config))
     torch.manual_seed(config.training.seed)
-    model = apply_method(model, config.method)
+    return apply_method(model, config.method)
+
+
+def train_run(config: RunConfig, data: PreparedData, run_dir: Path, console: Console, model=None) -> TrainResult:
+    """Load the model (unless given, from `load_training_model`), apply the method, train (resuming
+    from the run's last good checkpoint), and save what was trained in `run_dir/adapter`."""
+    if model is None:
+        model = load_training_model(config, console)
     objective = objective_for(config)
     objective.prepare_model(model, config.training.seed)
     result = train(model, data.examples["train"], data.examples["validation"], config.training, run_dir,
@@ -103,16 +125,18 @@ def evaluate_run(run_dir: Path, console: Console, model=None) -> dict:
     With a frozen base the base model is the tuned one with its additions switched off (one copy in
     memory); full and freeze runs load a second, untouched copy."""
     quiet_libraries()
-    config = load_run_config(run_dir)
-    tokenizer = load_tokenizer(config.model)
+    config = load_run_config(run_dir)  # the run is checked before any model loads
     names = {"": "test"} if config.datasets is None else {task: f"test-{task}" for task in config.datasets.tasks}
-    tasks = {}
+    splits = {}
     for task, split in names.items():
-        records = read_split(run_dir, split)[: config.eval.max_examples or None]
-        if not records:
+        splits[task] = read_split(run_dir, split)[: config.eval.max_examples or None]
+        if not splits[task]:
             raise AfinaError("no_test_rows", "the run has an empty test split",
                              location=str(run_dir / f"{split}.jsonl"))
-        tasks[task] = (records, tokenize_split(records, tokenizer, config))
+    if model is None:
+        check_trained(run_dir / "adapter")
+    tokenizer = load_tokenizer(config.model)
+    tasks = {task: (records, tokenize_split(records, tokenizer, config)) for task, records in splits.items()}
     if model is None:
         model = load_tuned_model(config, run_dir)
     results = {task: compare_with_base(config, model, tokenizer, records, units, console)
