@@ -67,7 +67,7 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedData:
     quiet_libraries()
     data = prepare_data(config)
     for line in data.warnings:
-        console.print(line, markup=False, highlight=False, style="yellow")
+        console.print(line, markup=False, highlight=False, style="yellow", soft_wrap=True)
     for task, report in (data.reports or {"": data.report}).items():
         splits = data.tasks.get(task, data.splits)
         console.print(f"data{' ' + task if task else ''}: {report.rows_read} rows read, {report.rows_skipped} skipped, "
