@@ -15,12 +15,15 @@ from afina.eval.loss import evaluate_loss
 
 
 def evaluate_model(model, tokenizer, records: list[Record], examples: list[Example], config: EvalConfig,
-                   objective, on_batch=None) -> dict:
+                   objective, on_batch=None, loss_per_example: bool = False) -> dict:
     """Loss and perplexity on the test examples (the token `objective`'s), then generation metrics on
-    their prompts."""
+    their prompts. `loss_per_example` also measures each example's loss on its own (one forward pass
+    each, so only when a gate compares losses)."""
     loss, tokens = evaluate_loss(model, examples, objective, 1, tokenizer.pad_token_id)
-    per_example = {"loss": [evaluate_loss(model, [example], objective, 1, tokenizer.pad_token_id)[0]
-                            for example in examples]}
+    per_example = {}
+    if loss_per_example:
+        per_example["loss"] = [evaluate_loss(model, [example], objective, 1, tokenizer.pad_token_id)[0]
+                               for example in examples]
     if not any(r.reference_answer() for r in records):  # raw text (continued pretraining): nothing to answer
         return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "predictions": [],
                 "references": [], "per_example": per_example}

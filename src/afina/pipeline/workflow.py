@@ -31,7 +31,7 @@ from afina.eval.gate import GateDecision, decide
 from afina.models.loading import resolve_model_dir
 from afina.pipeline.notify import Notification, notify
 from afina.pipeline.prepare import PreparedData, resolve_data_path
-from afina.pipeline.run_dir import load_run_config, new_run_dir, write_run_inputs
+from afina.pipeline.run_dir import create_run_dir, load_run_config
 from afina.pipeline.stages import evaluate_run, prepare_run, train_run
 from afina.store import Store
 
@@ -112,8 +112,7 @@ def start_workflow(config: RunConfig, store: Store, console: Console) -> Workflo
     flow = Workflow(config, store, console)
     data = prepare_run(config, console)  # validate and split: bad input stops here, nothing written
     flow.data = data
-    flow.run_dir = new_run_dir(config.name)
-    write_run_inputs(flow.run_dir, config, data)
+    flow.run_dir = create_run_dir(config, data)  # atomically: staged, then renamed into place
     files = record_data_files(store, config, data)
     store.create_run(flow.run_id, name=config.name, config=config.model_dump(mode="json"), run_dir=str(flow.run_dir),
                      base_model=config.model, data=files, status="running")

@@ -36,6 +36,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from afina.config.gate import metric_base_name
 from afina.config.schema import ObjectiveConfig, RunConfig, TrainingConfig
 from afina.data.cpt import cpt_examples
 from afina.data.packing import Batch, collate_rows, epoch_steps, pack_examples, row_sizes
@@ -168,9 +169,11 @@ class TokenObjective(BaseObjective):
     def evaluate(self, model, base_scope: BaseScope, tokenizer, records: list[Record], units: list,
                  config: RunConfig) -> tuple[dict, dict]:
         """Loss and perplexity, then generation metrics, of the base and the tuned model."""
+        gated = [config.gate.metric, *(guard.metric for guard in config.gate.guards)]
+        per_example = any(metric_base_name(metric) == "loss" for metric in gated)
         with base_scope() as base_view:
-            base = evaluate_model(base_view, tokenizer, records, units, config.eval, self)
-        return base, evaluate_model(model, tokenizer, records, units, config.eval, self)
+            base = evaluate_model(base_view, tokenizer, records, units, config.eval, self, loss_per_example=per_example)
+        return base, evaluate_model(model, tokenizer, records, units, config.eval, self, loss_per_example=per_example)
 
 
 class SftObjective(TokenObjective):
