@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +55,8 @@ def create_run_dir(config: RunConfig, data: PreparedData) -> Path:
     """A new run directory holding the run's inputs, created atomically: written in a hidden staging
     directory under runs/, then renamed into place, so a failure leaves no half-written run."""
     runs_dir().mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{config.name}-", dir=runs_dir()))
+    staging = runs_dir() / f".staging-{config.name}-{secrets.token_hex(6)}"
+    staging.mkdir()  # hidden, and with the permissions of any directory the user makes
     try:
         write_run_inputs(staging, config, data)
         while True:
