@@ -48,7 +48,8 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     new run directory appears, and one that fails before its first checkpoint is removed again."""
     data = prepare_run(config, console)
     if resume_dir is not None:
-        if config != load_run_config(resume_dir):
+        saved = resume_dir / "config.json"
+        if saved.is_file() and saved.read_text() != config.model_dump_json(indent=2):  # budgets changed
             save_run_config(resume_dir, config)
         return resume_dir, train_run(config, data, resume_dir, console)
     model = load_training_model(config, console)
