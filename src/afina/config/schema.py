@@ -12,7 +12,8 @@ from afina.config.methods import LoraMethod, Method, Strict
 
 class DataConfig(Strict):
     path: str | None = Field(None, description="Data file (.jsonl, .json, .csv, .parquet), relative to the config "
-                                               "file, or `bundled:tickets` for the example IT-support tickets. "
+                                               "file (typed as an override: to the current directory), or "
+                                               "`bundled:tickets` for the example IT-support tickets. "
                                                "Leave out when `datasets` lists several files.")
     validation: float = Field(0.1, ge=0, lt=1, description="Fraction of rows held out for validation during training "
                                                            "(not used with validation_path).")
