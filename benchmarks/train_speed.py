@@ -91,7 +91,7 @@ def load_data(model: str, epoch_fraction: float):
 
 
 def validation_loss(model, validation_examples, tokenizer) -> float:
-    from afina.eval.loss import evaluate_loss
+    from afina.training.validation import evaluate_loss
     from afina.training.objectives import token_objective
 
     loss, _ = evaluate_loss(model, validation_examples, token_objective(4096), 1, tokenizer.pad_token_id)

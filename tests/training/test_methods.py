@@ -26,7 +26,7 @@ from afina.models.methods import (apply_method, base_model, body_and_head, check
 from afina.models.artifacts import load_trained, merge_trained, save_trained
 from afina.models.loading import load_model
 from afina.models.loreft import prompt_end_positions, prompt_mask_from_targets, segment_ids
-from afina.eval.loss import evaluate_loss
+from afina.training.validation import evaluate_loss
 from afina.training.loop import train
 from afina.training.objectives import token_objective
 

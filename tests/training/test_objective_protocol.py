@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from afina.config.schema import ObjectiveConfig
-from afina.eval.loss import evaluate_loss
+from afina.training.validation import evaluate_loss
 from afina.training.loop import train
 from afina.training.losses import sft_loss_sum
 from afina.training.objectives import TokenObjective, token_objective

@@ -12,7 +12,7 @@ from afina.errors import AfinaError
 from afina.models.methods import apply_method, trainable_parameters
 from afina.models.loading import load_model
 from afina.training.checkpoints import latest_checkpoint, list_checkpoints
-from afina.eval.loss import evaluate_loss
+from afina.training.validation import evaluate_loss
 from afina.training.loop import train
 from afina.training.objectives import token_objective
 from tests.scripted import ScriptedObjective

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from afina.config.gate import GateConfig, NotifyConfig
 from afina.config.methods import LoraMethod, Method, Strict

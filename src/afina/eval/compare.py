@@ -6,12 +6,17 @@ import math
 
 from rich.table import Table
 
-from afina.config.schema import EvalConfig
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from afina.config.gate import metric_base_name
+from afina.config.schema import EvalConfig, RunConfig
 from afina.data.records import Record
 from afina.data.tokenize import Example
 from afina.eval.generation import generate_answers
 from afina.eval.metrics import per_example_scores, score_generations
-from afina.eval.loss import evaluate_loss
+from afina.eval.preference import measure_preferences
+from afina.training.validation import evaluate_loss
 
 
 def evaluate_model(model, tokenizer, records: list[Record], examples: list[Example], config: EvalConfig,
@@ -33,6 +38,27 @@ def evaluate_model(model, tokenizer, records: list[Record], examples: list[Examp
     per_example.update(per_example_scores(predictions, references))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, **scores,
             "predictions": predictions, "references": references, "per_example": per_example}
+
+
+def evaluate_objective(objective, model, base_scope: Callable[[], AbstractContextManager], tokenizer,
+                       records: list[Record], units: list, config: RunConfig) -> tuple[dict, dict]:
+    """(base, tuned) metrics on one test split, as the run's objective measures them: loss, perplexity
+    and generation metrics for packed-token objectives; preference accuracy, margins and the
+    objective's own test metrics (`Objective.add_test_metrics`) for the others. `base_scope()` yields
+    the base model (the tuned model with its additions off, or a second copy)."""
+    if objective.packs_tokens:
+        gated = [config.gate.metric, *(guard.metric for guard in config.gate.guards)]
+        per_example = any(metric_base_name(metric) == "loss" for metric in gated)  # one pass per row: only if gated
+        with base_scope() as base_view:
+            base = evaluate_model(base_view, tokenizer, records, units, config.eval, objective,
+                                  loss_per_example=per_example)
+        return base, evaluate_model(model, tokenizer, records, units, config.eval, objective,
+                                    loss_per_example=per_example)
+    base, tuned, measures = measure_preferences(model, base_scope, tokenizer, records, units, config.eval,
+                                                config.training.row_length, config.data.max_length,
+                                                **objective.measures)
+    objective.add_test_metrics(base, tuned, measures)
+    return base, tuned
 
 
 METRIC_ROWS = [("loss", "test loss", False), ("perplexity", "perplexity", False),

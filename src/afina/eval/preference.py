@@ -7,8 +7,8 @@ reference: the implicit reward margin beta * ((log pi - log ref)(chosen) - (log 
 positive when tuning moved probability towards the chosen answer (`reward_accuracy`, TRL's
 rewards/accuracies). A reward model's `preference_accuracy` uses its scores instead; its base, which
 has no reward head, is measured by log-probabilities. Generation metrics compare greedy answers with
-the chosen (or desirable) answer. Each objective adds its own loss to these
-(`afina.training.objectives`).
+the chosen (or desirable) answer. Each objective adds its own loss and implicit rewards to these
+(`Objective.add_test_metrics`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from afina.data.records import Record
 from afina.eval.generation import generate_answers
 from afina.eval.metrics import per_example_scores, score_generations
 from afina.models.logprobs import reward_scores, sequence_logps
+from afina.training.objectives import share
 
 
 @torch.no_grad()
@@ -108,14 +109,6 @@ def measure_preferences(model, base_scope: Callable[[], AbstractContextManager],
     return base, tuned, measures
 
 
-def implicit_reward_metrics(measures: PreferenceMeasures, beta: float) -> dict:
-    """The tuned model against its base as reference: beta * ((log pi - log ref)(chosen) - (...)(rejected))
-    per pair, positive when tuning moved probability towards the chosen answer."""
-    base, tuned = measures.base_pairs, measures.tuned_pairs
-    implicit = beta * ((tuned["chosen"] - base["chosen"]) - (tuned["rejected"] - base["rejected"]))
-    return {"reward_accuracy": share(implicit > 0), "reward_margin": float(implicit.mean())}
-
-
 def margin_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     margin = chosen - rejected
     return {"preference_accuracy": share(margin > 0), "logp_margin": float(margin.mean())}
@@ -132,7 +125,3 @@ def generation_metrics(model, tokenizer, records: list[Record], config: EvalConf
     scores["generated"] = scores.pop("examples")
     return {**scores, "predictions": predictions, "references": references,
             "per_example": per_example_scores(predictions, references)}
-
-
-def share(flags: torch.Tensor) -> float:
-    return float(flags.float().mean()) if flags.numel() else 0.0

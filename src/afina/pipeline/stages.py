@@ -18,7 +18,7 @@ from afina.config.schema import RunConfig
 from afina.data.records import Record
 from afina.errors import AfinaError
 from afina.estimate import check_before_launch
-from afina.eval.compare import comparison_table
+from afina.eval.compare import comparison_table, evaluate_objective
 from afina.models.artifacts import check_trained, load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.models.methods import apply_method, base_model
@@ -179,9 +179,10 @@ def base_scope(config: RunConfig, model):
 def compare_with_base(config: RunConfig, model, tokenizer, records: list[Record], units: list,
                       console: Console) -> tuple[dict, dict]:
     """(base, tuned) metrics on one test split, as the run's objective measures them
-    (`Objective.evaluate`): loss and generation metrics, or preference accuracy and margins."""
+    (`afina.eval.compare.evaluate_objective`): loss and generation metrics, or preference accuracy and margins."""
     with console.status("evaluating the base and the tuned model on the test split"):
-        return objective_for(config).evaluate(model, base_scope(config, model), tokenizer, records, units, config)
+        return evaluate_objective(objective_for(config), model, base_scope(config, model), tokenizer, records, units,
+                                  config)
 
 
 def average_metrics(results: list[dict]) -> dict:

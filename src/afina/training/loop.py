@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from afina.config.schema import TrainingConfig
 from afina.devices import autocast_for, free_memory, is_out_of_memory, resolve_precision
 from afina.errors import AfinaError
-from afina.eval.loss import evaluate_loss
+from afina.training.validation import evaluate_loss
 from afina.models.methods import model_shares_prefixes, trainable_parameters
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
 from afina.training.cost import cost_of, price_per_hour

@@ -5,7 +5,7 @@
     for items in objective.epoch_steps(units, training, epoch):        # one optimizer step each
         for batch in micro-batches of items:                             # cut by the loop
             loss = objective.loss_sum(model, batch) / (sum of objective.count over the step's batches)
-    base, tuned = objective.evaluate(model, base_scope, tokenizer, records, units, config)
+    base, tuned = evaluate_objective(objective, model, ...)       # afina.eval.compare: both models on the test split
 
 | objective | reads | a unit | an item (micro-batches are cut from these) | count (denominator) |
 | --- | --- | --- | --- | --- |
@@ -14,9 +14,10 @@
 | dpo, orpo, reward | preference rows | `PreferencePair` | a pair | pairs |
 | kto | preference or unpaired rows | `KtoExample` | an example and its mismatched completion | completions |
 
-Everything an objective is (the rows it reads, how it tokenizes and batches, its loss, its test
-metrics, what it adds to the model, what the estimate may assume) is in its class; the loop, the
-pipeline, evaluation and the estimate only call the protocol. `training.rows_per_batch` is the
+Everything an objective is (the rows it reads, how it tokenizes and batches, its loss, what its
+test evaluation measures and the metrics it derives from that, what it adds to the model, what the
+estimate may assume) is in its class; the loop, the pipeline, evaluation and the estimate only call
+the protocol. `training.rows_per_batch` is the
 items of one micro-batch, halved on out of memory; an optimizer step always holds
 `rows_per_batch x gradient_accumulation` items. Each epoch's steps are a pure function of
 (units, seed, epoch), which is what makes resuming exact.
@@ -28,8 +29,7 @@ model inside `base_model(model)` (no second copy), so they refuse methods that t
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -45,15 +45,10 @@ from afina.data.preference import (KtoBatch, SequenceBatch, collate_kto, collate
 from afina.data.records import Record
 from afina.data.tokenize import tokenize_records
 from afina.errors import AfinaError
-from afina.eval.compare import evaluate_model
-from afina.eval.preference import PreferenceMeasures, implicit_reward_metrics, measure_preferences, share
 from afina.models.logprobs import reward_scores, sequence_logps
 from afina.models.methods import base_model
 from afina.training.losses import dpo_loss, kto_kl_estimate, kto_loss, orpo_loss, reward_loss, sft_loss_sum
 from afina.training.reward import attach_reward_head, load_reward_head, save_reward_head
-
-BaseScope = Callable[[], AbstractContextManager]  # yields the base model: the tuned one with its additions off
-
 
 class Objective(Protocol):
     """What the loop, the pipeline, evaluation and the estimate ask of an objective."""
@@ -62,6 +57,7 @@ class Objective(Protocol):
     reads: ClassVar[tuple[str, ...]]  # the record kinds it trains on
     packs_tokens: ClassVar[bool]  # items are packed rows of tokens (what the memory estimate models)
     uses_reference: ClassVar[bool]  # compares the trained model with its frozen base
+    measures: ClassVar[dict]  # what the test evaluation measures of preference data (`measure_preferences`)
 
     def check(self, config: RunConfig) -> None: ...
     def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list: ...
@@ -73,8 +69,7 @@ class Objective(Protocol):
     def prepare_model(self, model, seed: int) -> None: ...
     def save_extras(self, model, directory: Path, config: RunConfig) -> None: ...
     def load_extras(self, model, directory: Path) -> None: ...
-    def evaluate(self, model, base_scope: BaseScope, tokenizer, records: list[Record], units: list,
-                 config: RunConfig) -> tuple[dict, dict]: ...
+    def add_test_metrics(self, base: dict, tuned: dict, measures) -> None: ...
 
 
 def rows_per_step(config: TrainingConfig) -> int:
@@ -104,6 +99,7 @@ class BaseObjective:
     rows: ClassVar[str] = ""  # how an error names the rows it reads
     packs_tokens: ClassVar[bool] = False
     uses_reference: ClassVar[bool] = False
+    measures: ClassVar[dict] = {}
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "BaseObjective":
@@ -135,6 +131,10 @@ class BaseObjective:
     def load_extras(self, model, directory: Path) -> None:
         """Put back what `save_extras` wrote onto the rebuilt tuned model."""
 
+    def add_test_metrics(self, base: dict, tuned: dict, measures) -> None:
+        """The objective's own test metrics (its loss, implicit rewards), from what the evaluation
+        measured of the base and the tuned model (`afina.eval.preference.PreferenceMeasures`)."""
+
 
 # --- packed tokens --------------------------------------------------------------------------------
 
@@ -165,15 +165,6 @@ class TokenObjective(BaseObjective):
 
     def loss_sum(self, model, batch: Batch) -> torch.Tensor:
         return sft_loss_sum(model, batch)
-
-    def evaluate(self, model, base_scope: BaseScope, tokenizer, records: list[Record], units: list,
-                 config: RunConfig) -> tuple[dict, dict]:
-        """Loss and perplexity, then generation metrics, of the base and the tuned model."""
-        gated = [config.gate.metric, *(guard.metric for guard in config.gate.guards)]
-        per_example = any(metric_base_name(metric) == "loss" for metric in gated)
-        with base_scope() as base_view:
-            base = evaluate_model(base_view, tokenizer, records, units, config.eval, self, loss_per_example=per_example)
-        return base, evaluate_model(model, tokenizer, records, units, config.eval, self, loss_per_example=per_example)
 
 
 class SftObjective(TokenObjective):
@@ -232,11 +223,6 @@ class PairObjective(BaseObjective):
     def count(self, batch: SequenceBatch) -> int:
         return batch.num_sequences // 2
 
-    def measure(self, model, base_scope: BaseScope, tokenizer, records: list[Record], units: list,
-                config: RunConfig, **what) -> tuple[dict, dict, PreferenceMeasures]:
-        return measure_preferences(model, base_scope, tokenizer, records, units, config.eval,
-                                   config.training.row_length, config.data.max_length, **what)
-
 
 class DpoObjective(PairObjective):
     """DPO against the frozen base (`dpo_loss`), per pair."""
@@ -250,8 +236,7 @@ class DpoObjective(PairObjective):
         chosen, rejected = sequence_logps(model, batch)[0].chunk(2)
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.config.beta, self.config.label_smoothing)[0]
 
-    def evaluate(self, model, base_scope, tokenizer, records, units, config) -> tuple[dict, dict]:
-        base, tuned, m = self.measure(model, base_scope, tokenizer, records, units, config)
+    def add_test_metrics(self, base: dict, tuned: dict, m) -> None:
         if m.pairs:
             tuned.update(implicit_reward_metrics(m, self.config.beta))
             b, t = m.base_pairs, m.tuned_pairs
@@ -260,7 +245,6 @@ class DpoObjective(PairObjective):
                                           smoothing)[0]) / m.pairs
             tuned["loss"] = float(dpo_loss(t["chosen"], t["rejected"], b["chosen"], b["rejected"], self.config.beta,
                                            smoothing)[0]) / m.pairs
-        return base, tuned
 
 
 class OrpoObjective(PairObjective):
@@ -272,14 +256,12 @@ class OrpoObjective(PairObjective):
         sums, counts = sequence_logps(model, batch)
         return orpo_loss(*(sums / counts.clamp(min=1)).chunk(2), beta=self.config.beta)[0]
 
-    def evaluate(self, model, base_scope, tokenizer, records, units, config) -> tuple[dict, dict]:
-        base, tuned, m = self.measure(model, base_scope, tokenizer, records, units, config)
+    def add_test_metrics(self, base: dict, tuned: dict, m) -> None:
         if m.pairs:
             tuned.update(implicit_reward_metrics(m, self.config.beta))
             for result, measured in ((base, m.base_pairs), (tuned, m.tuned_pairs)):
                 means = [measured[k] / measured[f"{k}_tokens"].clamp(min=1) for k in ("chosen", "rejected")]
                 result["loss"] = float(orpo_loss(*means, beta=self.config.beta)[0]) / m.pairs
-        return base, tuned
 
 
 class RewardObjective(PairObjective):
@@ -287,6 +269,8 @@ class RewardObjective(PairObjective):
     The head is trained beside the method's weights and saved next to them (`afina.training.reward`)."""
 
     name = "reward"
+    # a reward model answers with scores, not text; its base, with no head, by log-prob margins
+    measures = {"scores": True, "generate": False}
 
     def loss_sum(self, model, batch: SequenceBatch) -> torch.Tensor:
         chosen, rejected = reward_scores(model, batch).chunk(2)
@@ -302,10 +286,7 @@ class RewardObjective(PairObjective):
     def load_extras(self, model, directory: Path) -> None:
         load_reward_head(model, directory)
 
-    def evaluate(self, model, base_scope, tokenizer, records, units, config) -> tuple[dict, dict]:
-        # a reward model answers with scores, not text; its base, with no head, by log-prob margins
-        base, tuned, m = self.measure(model, base_scope, tokenizer, records, units, config, scores=True,
-                                      generate=False)
+    def add_test_metrics(self, base: dict, tuned: dict, m) -> None:
         if m.pairs:
             chosen, rejected = m.tuned_pairs["score"].chunk(2)
             margin = torch.full_like(chosen, self.config.margin) if self.config.margin else None
@@ -314,7 +295,6 @@ class RewardObjective(PairObjective):
                          accuracy_from="reward scores")
             tuned["per_example"]["preference_accuracy"] = (chosen > rejected).float().tolist()
             base["accuracy_from"] = "log-prob margin (the base has no reward head)"
-        return base, tuned
 
 
 # --- labelled completions -------------------------------------------------------------------------
@@ -340,6 +320,7 @@ class KtoObjective(BaseObjective):
     reads: ClassVar[tuple[str, ...]] = ("preference", "unpaired")
     rows: ClassVar[str] = "prompt/chosen/rejected or prompt/completion/label"
     uses_reference: ClassVar[bool] = True
+    measures: ClassVar[dict] = {"completions": True}
 
     def check(self, config: RunConfig) -> None:
         super().check(config)
@@ -376,9 +357,8 @@ class KtoObjective(BaseObjective):
         return kto_loss(policy, ref, batch.desirable, kl, self.config.beta, self.config.desirable_weight,
                         self.config.undesirable_weight)[0]
 
-    def evaluate(self, model, base_scope, tokenizer, records, units, config) -> tuple[dict, dict]:
-        base, tuned, m = measure_preferences(model, base_scope, tokenizer, records, units, config.eval,
-                                             config.training.row_length, config.data.max_length, completions=True)
+    def add_test_metrics(self, base: dict, tuned: dict, m) -> None:
+        completions = len(m.tuned_completions["logps"])
         if m.pairs:
             tuned.update(implicit_reward_metrics(m, self.config.beta))
         reference = m.base_completions
@@ -386,17 +366,29 @@ class KtoObjective(BaseObjective):
             kl = kto_kl_estimate(measured["mismatched"], reference["mismatched"])
             result["loss"] = float(kto_loss(measured["logps"], reference["logps"], measured["desirable"], kl,
                                             self.config.beta, self.config.desirable_weight,
-                                            self.config.undesirable_weight)[0]) / len(units)
+                                            self.config.undesirable_weight)[0]) / completions
         rewards = self.config.beta * (m.tuned_completions["logps"] - reference["logps"])
         desirable = m.tuned_completions["desirable"]
         tuned.update(completion_reward_accuracy=share(torch.where(desirable, rewards > 0, rewards < 0)),
-                     completions=len(units))
-        return base, tuned
+                     completions=completions)
 
 
 OBJECTIVES: dict[str, type[BaseObjective]] = {
     "sft": SftObjective, "cpt": CptObjective, "dpo": DpoObjective, "orpo": OrpoObjective, "kto": KtoObjective,
     "reward": RewardObjective}
+
+
+def share(flags: torch.Tensor) -> float:
+    """The share of True among `flags` (0 for none)."""
+    return float(flags.float().mean()) if flags.numel() else 0.0
+
+
+def implicit_reward_metrics(measures, beta: float) -> dict:
+    """The tuned model against its base as reference: beta * ((log pi - log ref)(chosen) - (...)(rejected))
+    per pair, positive when tuning moved probability towards the chosen answer."""
+    base, tuned = measures.base_pairs, measures.tuned_pairs
+    implicit = beta * ((tuned["chosen"] - base["chosen"]) - (tuned["rejected"] - base["rejected"]))
+    return {"reward_accuracy": share(implicit > 0), "reward_margin": float(implicit.mean())}
 
 
 def objective_for(config: RunConfig) -> BaseObjective:
