@@ -65,15 +65,14 @@ def models_promote(ref: str = typer.Argument(..., help="NAME or NAME:VERSION (de
 @user_errors
 def models_delete(ref: str = typer.Argument(..., help="NAME:VERSION")) -> None:
     """Delete a version's trained weights and checkpoints; its record stays."""
-    import shutil
     from pathlib import Path
+
+    from afina.pipeline.run_dir import delete_trained
 
     with _store() as store:
         model = store.delete_model(ref)
-    run_dir = Path(model.artifacts.get("run_dir", ""))
-    for name in ("adapter", "checkpoints"):
-        if (run_dir / name).exists():
-            shutil.rmtree(run_dir / name)
+    if model.artifacts.get("run_dir"):
+        delete_trained(Path(model.artifacts["run_dir"]))
     console.print(f"deleted {model.name}:{model.version} (record kept)")
 
 

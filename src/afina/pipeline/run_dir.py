@@ -33,14 +33,6 @@ from afina.paths import runs_dir
 from afina.pipeline.prepare import PreparedData
 
 
-def new_run_dir(name: str) -> Path:
-    """A fresh, empty run directory `runs/NAME-YYYYmmdd-HHMMSS`. Prefer `create_run_dir`, which
-    writes the inputs atomically."""
-    path = free_run_path(name)
-    path.mkdir(parents=True)
-    return path
-
-
 def free_run_path(name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = runs_dir() / f"{name}-{stamp}"
@@ -97,6 +89,17 @@ def write_records(path: Path, records: list[Record]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+
+
+def delete_trained(run_dir: Path) -> list[str]:
+    """Delete what a run trained (its trained weights and checkpoints), keeping its inputs, metrics and
+    reports: a discarded or deleted model's record stays readable. Returns what was deleted."""
+    deleted = []
+    for name in ("adapter", "checkpoints"):
+        if (run_dir / name).exists():
+            shutil.rmtree(run_dir / name)
+            deleted.append(name)
+    return deleted
 
 
 def save_run_config(run_dir: Path, config: RunConfig) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -31,12 +30,10 @@ from afina.eval.gate import GateDecision, decide
 from afina.models.loading import resolve_model_dir
 from afina.pipeline.notify import Notification, notify
 from afina.pipeline.prepare import PreparedData, resolve_data_path
-from afina.pipeline.run_dir import create_run_dir, load_run_config
-from afina.pipeline.stages import evaluate_run, prepare_run, train_run
+from afina.pipeline.run_dir import create_run_dir, delete_trained, load_run_config
+from afina.pipeline.stages import evaluate_run, load_training_model, prepare_run, train_run
 from afina.store import Store
-
-STAGES = ("validate", "split", "train", "evaluate", "gate", "register", "notify")
-
+from afina.training.checkpoints import sha256
 
 @dataclass
 class WorkflowResult:
@@ -54,14 +51,6 @@ def afina_version() -> str:
         return "unknown"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_sha256(model: str) -> str:
     """One hash over the base model's weight files (safetensors, in name order)."""
     directory = Path(resolve_model_dir(model))
@@ -70,7 +59,7 @@ def weights_sha256(model: str) -> str:
     digest = hashlib.sha256()
     for path in sorted(directory.glob("*.safetensors")):
         digest.update(path.name.encode())
-        digest.update(file_sha256(path).encode())
+        digest.update(sha256(path).encode())
     return digest.hexdigest()
 
 
@@ -81,6 +70,7 @@ class Workflow:
         self.config, self.store, self.console = config, store, console
         self.run_dir = run_dir
         self.data: PreparedData | None = None
+        self.model = None  # loaded before a new run's directory appears; a resumed run loads its own
 
     @property
     def run_id(self) -> str:
@@ -111,7 +101,7 @@ def start_workflow(config: RunConfig, store: Store, console: Console) -> Workflo
     """A new attempt: everything that can be checked is checked before the run directory exists."""
     flow = Workflow(config, store, console)
     data = prepare_run(config, console)  # validate and split: bad input stops here, nothing written
-    flow.data = data
+    flow.data, flow.model = data, load_training_model(config, console)  # a model that cannot load: nothing written
     flow.run_dir = create_run_dir(config, data)  # atomically: staged, then renamed into place
     files = record_data_files(store, config, data)
     store.create_run(flow.run_id, name=config.name, config=config.model_dump(mode="json"), run_dir=str(flow.run_dir),
@@ -189,7 +179,7 @@ def record_data_files(store: Store, config: RunConfig, data: PreparedData) -> di
     files = []
     for source, report in zip(sources, reports):
         path = resolve_data_path(source)
-        files.append(store.record_data_file(file_sha256(path), str(path), ",".join(sorted(report.formats)),
+        files.append(store.record_data_file(sha256(path), str(path), ",".join(sorted(report.formats)),
                                             report.rows_read, {"rows_skipped": report.rows_skipped,
                                                                "duplicates": report.duplicates}))
     return {"train": files}
@@ -197,7 +187,7 @@ def record_data_files(store: Store, config: RunConfig, data: PreparedData) -> di
 
 def train_stage(flow: Workflow) -> tuple[dict, str]:
     data = flow.data or prepare_run(flow.config, flow.console)
-    result = train_run(flow.config, data, flow.run_dir, flow.console)
+    result = train_run(flow.config, data, flow.run_dir, flow.console, flow.model)
     if result.status == "interrupted":
         raise KeyboardInterrupt
     if result.status == "diverged":
@@ -254,13 +244,7 @@ def registered_model(store: Store, run_id: str) -> str | None:
 
 
 def discard_stage(flow: Workflow) -> tuple[dict, str]:
-    removed = []
-    for name in ("adapter", "checkpoints"):
-        path = flow.run_dir / name
-        if path.exists():
-            shutil.rmtree(path)
-            removed.append(name)
-    return {"deleted": removed}, "discarded: trained weights and checkpoints deleted"
+    return {"deleted": delete_trained(flow.run_dir)}, "discarded: trained weights and checkpoints deleted"
 
 
 def notify_stage(flow: Workflow, decision: GateDecision, model: str | None, report: dict) -> tuple[dict, str]:

@@ -36,7 +36,6 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from afina.config.gate import metric_base_name
 from afina.config.schema import ObjectiveConfig, RunConfig, TrainingConfig
 from afina.data.cpt import cpt_examples
 from afina.data.packing import Batch, collate_rows, epoch_steps, pack_examples, row_sizes
