@@ -118,33 +118,109 @@ def test_an_unknown_gate_metric_is_a_config_error_before_any_work(tiny_model_dir
     assert not (afina_home / "runs").exists()
 
 
-def test_kill_9_during_training_then_resume_repeats_no_finished_stage(tiny_model_dir, ticket_rows, tmp_path,
-                                                                      afina_home):
+def running_stage() -> tuple[str | None, str | None]:
+    """The run id and the stage the store says is running now (the test reads the store as users do)."""
+    with open_store() as store:
+        runs = store.list_runs()
+        if not runs:
+            return None, None
+        running = [s.name for s in store.stages(runs[0].id) if s.status == "running"]
+        return runs[0].id, running[0] if running else None
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_kill_9_in_a_stage_then_resume_repeats_no_finished_stage(stage, tiny_model_dir, ticket_rows, tmp_path,
+                                                                 afina_home):
     config = write_config(tmp_path, tiny_model_dir, ticket_rows, max_steps=30)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    child = subprocess.Popen([sys.executable, "-c", "from afina.cli.main import app; app()", "run", config],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    checkpoints = []
-    while time.time() < deadline and len(checkpoints) < 2:
-        checkpoints = list(afina_home.glob("runs/*/checkpoints/step-*"))
-        time.sleep(0.05)
+    child = subprocess.Popen([sys.executable, "-c", "from afina.cli.main import app; app()", "run", config,
+                              "eval.max_new_tokens=24"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    run_id = current = None
+    while time.time() < deadline and child.poll() is None:
+        run_id, current = running_stage()
+        # in training: once two checkpoints exist; in evaluation: as soon as it starts
+        if current == stage and (stage != "train" or len(list(afina_home.glob("runs/*/checkpoints/step-*"))) >= 2):
+            break
+        time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert len(checkpoints) >= 2, child.stderr.read().decode()[-2000:]
-    run_dir = checkpoints[0].parents[1]
+    assert current == stage, child.stderr.read().decode()[-2000:]
+    run_dir = afina_home / "runs" / run_id
     with open_store() as store:
-        run_id = store.list_runs()[0].id
         assert store.get_run(run_id).status == "running"
-        assert store.finished_stages(run_id) == ["validate", "split"]
+        finished = store.finished_stages(run_id)
+        assert finished == ["validate", "split"] + (["train"] if stage == "evaluate" else [])
+        finished_at = {s.name: s.finished_at for s in store.stages(run_id) if s.name in finished}
 
     resumed = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output
-    assert "validate: done before, not repeated" in resumed.output and "resuming from" in resumed.output
+    assert "validate: done before, not repeated" in resumed.output
+    assert ("resuming from" in resumed.output) == (stage == "train")
     with open_store() as store:
         stages = store.stages(run_id)
         assert [s.name for s in stages] == ["validate", "split", "train", "evaluate", "gate", "register", "notify"]
+        assert all(s.finished_at == finished_at[s.name] for s in stages if s.name in finished)  # not redone
         assert store.get_run(run_id).status in ("succeeded", "discarded")
         assert len(store.list_runs()) == 1 and len(store.list_models()) <= 1
     again = CliRunner().invoke(app, ["run", "--resume", str(run_dir)])
     assert again.exit_code == 0 and "already ended" in again.output
+
+
+def test_a_crash_after_registering_resumes_without_a_second_version(tiny_model_dir, ticket_rows, tmp_path,
+                                                                     afina_home):
+    """kill -9 between writing the model's record and marking the register stage finished: the two are
+    separate transactions, so the resumed run must find the model instead of registering it again."""
+    import sqlite3
+
+    config = write_config(tmp_path, tiny_model_dir, ticket_rows, max_steps=8)
+    assert CliRunner().invoke(app, ["run", config]).exit_code == 0
+    with open_store() as store:
+        run = store.list_runs()[0]
+    with sqlite3.connect(afina_home / "afina.db") as db:  # the state such a crash leaves
+        db.execute("UPDATE stages SET status = 'running', finished_at = NULL "
+                   "WHERE run_id = ? AND name IN ('register', 'notify')", (run.id,))
+        db.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE id = ?", (run.id,))
+    resumed = CliRunner().invoke(app, ["run", "--resume", str(afina_home / "runs" / run.id)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "already registered as tickets:1" in resumed.output
+    with open_store() as store:
+        assert [(m.name, m.version) for m in store.list_models(include_deleted=True)] == [("tickets", 1)]
+        assert store.get_run(run.id).status == "succeeded"
+        assert [s.status for s in store.stages(run.id)] == ["succeeded"] * 7
+
+
+def test_a_gate_on_a_metric_the_objective_cannot_score_is_refused_before_any_work(tiny_model_dir, ticket_rows,
+                                                                                  tmp_path, afina_home):
+    config = write_config(tmp_path, tiny_model_dir, ticket_rows)
+    result = CliRunner().invoke(app, ["run", config, "gate.metric=preference_accuracy"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error[")]
+    assert len(errors) == 1 and errors[0].startswith("error[gate_metric_unavailable] at gate.metric")
+    assert "exact_match" in result.output and not (afina_home / "runs").exists()
+
+
+def test_the_forgetting_check_and_eval_on_any_file(tiny_model_dir, ticket_rows, tmp_path, afina_home):
+    write_jsonl(tmp_path / "general.jsonl", ticket_rows[:10])
+    config = write_config(tmp_path, tiny_model_dir, ticket_rows, max_steps=8)
+    result = CliRunner().invoke(app, ["run", config, "gate.general_data=" + str(tmp_path / "general.jsonl"),
+                                      "gate.max_general_loss_increase=0.0"])
+    assert result.exit_code == 0, result.output
+    run_dir = next((afina_home / "runs").iterdir())
+    report = json.loads((run_dir / "eval.json").read_text())
+    general = report["general"]
+    assert general["tuned_loss"] < general["base_loss"]  # the general rows are tickets here: nothing forgotten
+    with open_store() as store:
+        gate = store.get_model("tickets").gate
+    assert gate["general"]["passed"] and gate["general"]["base_loss"] == pytest.approx(general["base_loss"])
+
+    other = write_jsonl(tmp_path / "other.jsonl", ticket_rows[10:16])
+    evaluated = CliRunner().invoke(app, ["eval", str(run_dir), "--data", str(other)])
+    assert evaluated.exit_code == 0, evaluated.output
+    on_file = json.loads((run_dir / "eval-other.json").read_text())
+    assert on_file["data"] == str(other) and on_file["base"]["examples"] == 6 == on_file["tuned"]["examples"]
+    assert on_file["tuned"]["loss"] < on_file["base"]["loss"]
+
+    (tmp_path / "broken.jsonl").write_text('{"messages": [}\n')
+    broken = CliRunner().invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "broken.jsonl")])
+    assert broken.exit_code == 2 and "error[invalid_json]" in broken.output and "broken.jsonl:1" in broken.output

@@ -63,7 +63,8 @@ DATA_PATH_KEYS = ("path", "test_path", "validation_path")
 
 def resolve_paths(raw: dict, folder: Path) -> dict:
     """A copy of a raw config (or overrides) with its relative file paths made absolute against
-    `folder`: data.path, data.test_path, data.validation_path, datasets.tasks.*.path, and `model`
+    `folder`: data.path, data.test_path, data.validation_path, datasets.tasks.*.path, gate.general_data,
+    and `model`
     when it names a local directory. Anything of the wrong shape is left for validation to report."""
     raw = dict(raw)
     if isinstance(raw.get("data"), dict):
@@ -75,6 +76,9 @@ def resolve_paths(raw: dict, folder: Path) -> dict:
                  if isinstance(task, dict) and isinstance(task.get("path"), str) else task
                  for name, task in datasets["tasks"].items()}
         raw["datasets"] = {**datasets, "tasks": tasks}
+    gate = raw.get("gate")
+    if isinstance(gate, dict) and isinstance(gate.get("general_data"), str):
+        raw["gate"] = {**gate, "general_data": resolve_relative(gate["general_data"], folder)}
     if isinstance(raw.get("model"), str) and is_local_model_path(raw["model"], folder):
         raw["model"] = resolve_relative(raw["model"], folder)
     return raw

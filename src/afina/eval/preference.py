@@ -67,7 +67,7 @@ class PreferenceMeasures:
     """What `measure_preferences` measured of the base and the tuned model, for the objectives' own metrics."""
 
     pairs: int
-    base_pairs: dict | None = None  # chosen, rejected, chosen_tokens, rejected_tokens (score for the tuned reward model)
+    base_pairs: dict | None = None  # chosen, rejected, chosen_tokens, rejected_tokens (tuned reward model: score)
     tuned_pairs: dict | None = None
     base_completions: dict | None = None  # logps, mismatched, desirable (KTO completions)
     tuned_completions: dict | None = None

@@ -25,7 +25,7 @@ from afina.errors import AfinaError, render_warning
 from afina.models.loading import check_model_available, load_tokenizer
 from afina.models.methods import check_method_supported
 from afina.training.cost import load_price_table, price_per_hour
-from afina.training.objectives import objective_for
+from afina.training.objectives import CptObjective, SftObjective, objective_for
 
 SPLITS = ("train", "validation", "test")
 
@@ -85,6 +85,7 @@ def prepare_data(config: RunConfig) -> PreparedData:
     check_model_available(config.model)
     sources = {"": config.data.path} if config.datasets is None else {
         name: task.path for name, task in config.datasets.tasks.items()}
+    general_units(config, None)  # gate.general_data: checked now, measured after training
     held_out_sources = {} if config.datasets is not None else {
         name: source for name, source in (("validation", config.data.validation_path),
                                           ("test", config.data.test_path)) if source}
@@ -147,3 +148,20 @@ def check_split_sizes(splits: dict[str, list[Record]], config: RunConfig, held_o
 def tokenize_split(records: list[Record], tokenizer, config: RunConfig, path: str = "") -> list:
     """The units the run's objective trains on (`Objective.tokenize`): examples, pairs or completions."""
     return objective_for(config).tokenize(records, tokenizer, path)
+
+
+def general_units(config: RunConfig, tokenizer) -> tuple[object, list] | None:
+    """The `gate.general_data` file as (objective, units) for the forgetting check: chat rows are read
+    as supervised examples, `text` rows as continued-pretraining blocks. Without a tokenizer the file
+    is only read and checked. None when the gate has no general data."""
+    if config.gate.general_data is None:
+        return None
+    path = resolve_data_path(config.gate.general_data)
+    records = load_records(path).records
+    kinds = {record.kind for record in records}
+    objective = next((candidate for candidate in (SftObjective, CptObjective) if kinds <= set(candidate.reads)), None)
+    if objective is None:
+        raise AfinaError("wrong_data_for_objective", f"gate.general_data holds {', '.join(sorted(kinds))} rows; the "
+                         "forgetting check reads chat or text rows", location=str(path))
+    objective = objective.from_config(config)
+    return objective, objective.tokenize(records, tokenizer, str(path)) if tokenizer is not None else []

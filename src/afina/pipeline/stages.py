@@ -22,13 +22,16 @@ from afina.eval.compare import comparison_table, evaluate_objective
 from afina.models.artifacts import check_trained, load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.models.methods import apply_method, base_model
-from afina.pipeline.prepare import PreparedData, prepare_data, quiet_libraries, tokenize_split, weights_dtype
+from afina.data.validate import load_records
+from afina.pipeline.prepare import (PreparedData, general_units, prepare_data, quiet_libraries, tokenize_split,
+                                   weights_dtype)
 from afina.paths import check_afina_home
 from afina.pipeline.run_dir import create_run_dir, load_run_config, read_split, save_run_config
 from afina.training.allocator import missing_allocator_hint
 from afina.training.checkpoints import list_checkpoints
 from afina.training.loop import TrainResult, train
 from afina.training.objectives import objective_for
+from afina.training.validation import evaluate_loss
 
 
 def load_tuned_model(config: RunConfig, run_dir: Path):
@@ -119,42 +122,65 @@ def train_run(config: RunConfig, data: PreparedData, run_dir: Path, console: Con
     return result
 
 
-def evaluate_run(run_dir: Path, console: Console, model=None) -> dict:
-    """Compare the tuned model with its base on the run's test split (each task's with `datasets`);
-    writes eval.json.
+def evaluate_run(run_dir: Path, console: Console, model=None, data_file: Path | None = None) -> dict:
+    """Compare the tuned model with its base on the run's test split (each task's with `datasets`), or
+    on `data_file`; writes eval.json (eval-FILE.json for a file). With `gate.general_data` the report
+    also holds both models' loss on that general-purpose file (the forgetting check).
 
     With a frozen base the base model is the tuned one with its additions switched off (one copy in
     memory); full and freeze runs load a second, untouched copy."""
     quiet_libraries()
     config = load_run_config(run_dir)  # the run is checked before any model loads
-    names = {"": "test"} if config.datasets is None else {task: f"test-{task}" for task in config.datasets.tasks}
-    splits = {}
-    for task, split in names.items():
-        splits[task] = read_split(run_dir, split)[: config.eval.max_examples or None]
-        if not splits[task]:
-            raise AfinaError("no_test_rows", "the run has an empty test split",
-                             location=str(run_dir / f"{split}.jsonl"))
+    if data_file is not None:
+        report = load_records(data_file, skip_invalid=config.data.skip_invalid)
+        objective_for(config).check_rows(report.records, str(data_file))
+        splits = {"": report.records[: config.eval.max_examples or None]}
+        target = run_dir / f"eval-{data_file.stem}.json"
+    else:
+        names = {"": "test"} if config.datasets is None else {task: f"test-{task}" for task in config.datasets.tasks}
+        splits = {task: read_split(run_dir, split)[: config.eval.max_examples or None] for task, split in names.items()}
+        for task, records in splits.items():
+            if not records:
+                raise AfinaError("no_test_rows", "the run has an empty test split",
+                                 location=str(run_dir / f"{names[task]}.jsonl"))
+        target = run_dir / "eval.json"
     if model is None:
         check_trained(run_dir / "adapter")
     tokenizer = load_tokenizer(config.model)
     tasks = {task: (records, tokenize_split(records, tokenizer, config)) for task, records in splits.items()}
+    general = general_units(config, tokenizer)
     if model is None:
         model = load_tuned_model(config, run_dir)
     results = {task: compare_with_base(config, model, tokenizer, records, units, console)
                for task, (records, units) in tasks.items()}
-    report = {"run": str(run_dir), "model": config.model, "objective": config.objective.name}
-    if config.datasets is None:
+    report = {"run": str(run_dir), "model": config.model, "objective": config.objective.name,
+              "data": str(data_file) if data_file is not None else "test split"}
+    if len(results) == 1:
         report.update(base=results[""][0], tuned=results[""][1])
     else:  # per task, and their plain average (each task counts once, whatever its size)
         report.update(base=average_metrics([b for b, _ in results.values()]),
                       tuned=average_metrics([t for _, t in results.values()]),
                       tasks={task: {"base": b, "tuned": t} for task, (b, t) in results.items()})
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if general is not None:
+        report["general"] = general_losses(config, model, tokenizer, *general)
+    target.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     for task, (base, tuned) in results.items():
         where = f"task {task}: " if task else ""
-        title = f"{where}base vs tuned ({config.objective.name}) on the test split"
+        title = f"{where}base vs tuned ({config.objective.name}) on {report['data']}"
         console.print(comparison_table(base, tuned, title))
+    if general is not None:
+        console.print(f"general data ({config.gate.general_data}): loss base {report['general']['base_loss']:.3f}, "
+                      f"tuned {report['general']['tuned_loss']:.3f}")
     return report
+
+
+def general_losses(config: RunConfig, model, tokenizer, objective, units: list) -> dict:
+    """Base and tuned loss on the gate's general-purpose data: how much tuning forgot."""
+    pad = tokenizer.pad_token_id
+    with base_scope(config, model)() as base_view:
+        base_loss = evaluate_loss(base_view, units, objective, 1, pad)[0]
+    return {"path": config.gate.general_data, "base_loss": base_loss,
+            "tuned_loss": evaluate_loss(model, units, objective, 1, pad)[0]}
 
 
 def base_scope(config: RunConfig, model):

@@ -33,6 +33,7 @@ from afina.pipeline.prepare import PreparedData, resolve_data_path
 from afina.pipeline.run_dir import create_run_dir, delete_trained, load_run_config
 from afina.pipeline.stages import evaluate_run, load_training_model, prepare_run, train_run
 from afina.store import Store
+from afina.training.objectives import objective_for
 from afina.training.checkpoints import sha256
 
 @dataclass
@@ -100,6 +101,7 @@ class Workflow:
 def start_workflow(config: RunConfig, store: Store, console: Console) -> WorkflowResult:
     """A new attempt: everything that can be checked is checked before the run directory exists."""
     flow = Workflow(config, store, console)
+    objective_for(config).check_gate(config)  # a gate on a metric the objective cannot score: before any work
     data = prepare_run(config, console)  # validate and split: bad input stops here, nothing written
     flow.data, flow.model = data, load_training_model(config, console)  # a model that cannot load: nothing written
     flow.run_dir = create_run_dir(config, data)  # atomically: staged, then renamed into place
@@ -135,7 +137,9 @@ def continue_workflow(flow: Workflow) -> WorkflowResult:
         return WorkflowResult(flow.run_id, flow.run_dir, "interrupted")
     flow.stage("evaluate", lambda: evaluate_stage(flow), done)
     report = json.loads((flow.run_dir / "eval.json").read_text(encoding="utf-8"))
-    decision = decide(config.gate, gate_scores(report, "base"), gate_scores(report, "tuned"))
+    general = report.get("general")
+    decision = decide(config.gate, gate_scores(report, "base"), gate_scores(report, "tuned"),
+                      (general["base_loss"], general["tuned_loss"]) if general else None)
     flow.stage("gate", lambda: (asdict(decision), decision.reasons[0]), done)
     model = None
     if decision.passed:

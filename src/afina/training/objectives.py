@@ -36,6 +36,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from afina.config.gate import FIELD_PREFIX, metric_base_name
 from afina.config.schema import ObjectiveConfig, RunConfig, TrainingConfig
 from afina.data.cpt import cpt_examples
 from afina.data.packing import Batch, collate_rows, epoch_steps, pack_examples, row_sizes
@@ -57,6 +58,7 @@ class Objective(Protocol):
     packs_tokens: ClassVar[bool]  # items are packed rows of tokens (what the memory estimate models)
     uses_reference: ClassVar[bool]  # compares the trained model with its frozen base
     measures: ClassVar[dict]  # what the test evaluation measures of preference data (`measure_preferences`)
+    gate_metrics: ClassVar[tuple[str, ...]]  # the metrics its evaluation scores per test row, which a gate can pair
 
     def check(self, config: RunConfig) -> None: ...
     def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list: ...
@@ -69,6 +71,10 @@ class Objective(Protocol):
     def save_extras(self, model, directory: Path, config: RunConfig) -> None: ...
     def load_extras(self, model, directory: Path) -> None: ...
     def add_test_metrics(self, base: dict, tuned: dict, measures) -> None: ...
+
+
+# what greedy answers are scored on, per test row with a reference answer (`afina.eval.metrics`)
+GENERATION_METRICS = ("exact_match", "rouge_l", "json_valid", "field_accuracy_mean", FIELD_PREFIX)
 
 
 def rows_per_step(config: TrainingConfig) -> int:
@@ -99,6 +105,7 @@ class BaseObjective:
     packs_tokens: ClassVar[bool] = False
     uses_reference: ClassVar[bool] = False
     measures: ClassVar[dict] = {}
+    gate_metrics: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "BaseObjective":
@@ -112,6 +119,18 @@ class BaseObjective:
                              f"{self.name} compares the trained model with its frozen base, but method "
                              f"{config.method.name} trains the base weights themselves", location="objective",
                              hint="use an adapter method (lora, dora, ...), or objective orpo, which needs no reference")
+
+    def check_gate(self, config: RunConfig) -> None:
+        """Refuse, before any work, a gate or guard on a metric this objective's evaluation does not
+        score per test row (`afina run` compares base and tuned row by row)."""
+        gated = [("gate.metric", config.gate.metric)] + [(f"gate.guards.{i}.metric", guard.metric)
+                                                         for i, guard in enumerate(config.gate.guards)]
+        for location, metric in gated:
+            name = metric_base_name(metric)
+            if name not in self.gate_metrics and not (name.startswith(FIELD_PREFIX) and FIELD_PREFIX in self.gate_metrics):
+                raise AfinaError("gate_metric_unavailable", f"objective {self.name} does not score {name} per test row",
+                                 location=location, hint="use one of: " + ", ".join(f"{m}<key>" if m == FIELD_PREFIX else m
+                                                                 for m in self.gate_metrics))
 
     def check_rows(self, records: list[Record], path: str = "") -> None:
         """Refuse rows the objective cannot read, naming the first one."""
@@ -172,6 +191,7 @@ class SftObjective(TokenObjective):
     name = "sft"
     reads = ("chat",)
     rows = "chat"
+    gate_metrics = ("loss", *GENERATION_METRICS)
 
     def check_rows(self, records: list[Record], path: str = "") -> None:
         """Nothing up front: tokenization names what is wrong with a row more precisely."""
@@ -186,6 +206,7 @@ class CptObjective(TokenObjective):
     name = "cpt"
     reads = ("text",)
     rows = "`text`"
+    gate_metrics = ("loss",)
 
     def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list:
         self.check_rows(records, path)
@@ -205,6 +226,7 @@ class PairObjective(BaseObjective):
 
     reads: ClassVar[tuple[str, ...]] = ("preference",)
     rows: ClassVar[str] = "prompt/chosen/rejected"
+    gate_metrics: ClassVar[tuple[str, ...]] = ("preference_accuracy", "logp_margin", *GENERATION_METRICS)
 
     def tokenize(self, records: list[Record], tokenizer, path: str = "") -> list:
         self.check_rows(records, path)
@@ -270,6 +292,7 @@ class RewardObjective(PairObjective):
     name = "reward"
     # a reward model answers with scores, not text; its base, with no head, by log-prob margins
     measures = {"scores": True, "generate": False}
+    gate_metrics = ("preference_accuracy", "logp_margin")
 
     def loss_sum(self, model, batch: SequenceBatch) -> torch.Tensor:
         chosen, rejected = reward_scores(model, batch).chunk(2)
@@ -320,6 +343,7 @@ class KtoObjective(BaseObjective):
     rows: ClassVar[str] = "prompt/chosen/rejected or prompt/completion/label"
     uses_reference: ClassVar[bool] = True
     measures: ClassVar[dict] = {"completions": True}
+    gate_metrics: ClassVar[tuple[str, ...]] = ("preference_accuracy", "logp_margin", *GENERATION_METRICS)
 
     def check(self, config: RunConfig) -> None:
         super().check(config)
