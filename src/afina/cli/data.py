@@ -1,4 +1,4 @@
-"""`afina data inspect` and `afina data preview`."""
+"""`afina data inspect`, `afina data preview` and `afina data scan`."""
 
 from __future__ import annotations
 
@@ -114,3 +114,47 @@ def _preview(path: Path, index: int, model: str, train_on_prompt: bool) -> None:
     console.print(f"{path}:{record.line} ({record.source_format}) · {len(example.input_ids)} tokens, "
                   f"{example.trained_count} trained (highlighted)")
     console.print(text)
+
+
+@app.command("scan")
+def scan_command(
+    path: Path = typer.Argument(..., help="Data file: .jsonl, .json, .csv or .parquet"),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+) -> None:
+    """Find personal data (e-mails, phones, IBANs, cards, DNI/NIE, NIF, CPF, SSN, IPs): counts per type,
+    and each finding's line and field, with the value masked."""
+    _errors(_scan)(path, json_output)
+
+
+def _scan(path: Path, json_output: bool) -> None:
+    import json
+
+    from afina.data.pii import NER_TYPES, TYPES, find_pii, mask_value, record_texts
+
+    report = check_file(path)
+    if report.errors and not report.records:
+        raise report.first_error()
+    findings = [{"type": finding.type, "line": record.line, "field": field, "value": mask_value(finding.value)}
+                for record in report.records for field, text in record_texts(record) for finding in find_pii(text)]
+    counts = {kind: sum(1 for f in findings if f["type"] == kind) for kind in TYPES}
+    rows = len({f["line"] for f in findings})
+    not_scanned = (f"{' and '.join(t.lower() for t in NER_TYPES)}s are not scanned: they need a named-entity "
+                   "model (Presidio or spaCy), which afina does not ship")
+    if json_output:
+        typer.echo(json.dumps({"path": str(path), "rows": len(report.records), "rows_with_personal_data": rows,
+                               "counts": counts, "findings": findings, "not_scanned": list(NER_TYPES)}, indent=2))
+        return
+    table = Table(title=f"{path}: personal data in {rows} of {len(report.records)} rows")
+    for column in ("type", "found", "first lines"):
+        table.add_column(column)
+    for kind, count in counts.items():
+        lines = sorted({f["line"] for f in findings if f["type"] == kind})
+        table.add_row(kind, str(count), ", ".join(map(str, lines[:8])) + (" ..." if len(lines) > 8 else ""))
+    console.print(table)
+    for finding in findings[:20]:
+        console.print(f"{path}:{finding['line']} {finding['field']}: {finding['type']} {finding['value']}",
+                      markup=False, highlight=False)
+    if len(findings) > 20:
+        console.print(f"... and {len(findings) - 20} more (--json lists all)")
+    console.print(f"note: {not_scanned}; data.mask_pii: true replaces the types above with placeholders "
+                  "before training")
