@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from afina.config.methods import AnyMethod, FreezeMethod, Method
 from afina.errors import AfinaError
+from afina.models.loading import refuse_pickled_weights
 from afina.models.methods import (attach_modules, attached_module, freeze_targets,
                                    is_quantized, repair_prompt_learning_generation, unwrap)
 
@@ -85,6 +86,7 @@ def check_trained(directory: str | Path) -> None:
     if not directory.is_dir():
         raise AfinaError("artifact_not_found", "the run has no trained weights (did training finish?)",
                          location=str(directory), hint="finish the run with afina train --resume RUN")
+    refuse_pickled_weights(directory, str(directory))
     method = read_method(directory)
     check_safetensors(directory / ("adapter_model.safetensors" if method is None or method.kind == "peft"
                                    else WEIGHTS_FILE))
@@ -118,6 +120,7 @@ def load_trained(base_model: PreTrainedModel, directory: str | Path) -> nn.Modul
     on the trained model (except for full / freeze, whose base weights are now the tuned ones).
     """
     directory = Path(directory)
+    refuse_pickled_weights(directory, str(directory))  # never unpickle: it can run code
     method = read_method(directory)
     if method is None or method.kind == "peft":
         model = PeftModel.from_pretrained(base_model, directory)

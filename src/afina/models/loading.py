@@ -100,11 +100,28 @@ def resolve_model_dir(name: str) -> str:
         if not (path / "config.json").is_file():
             raise AfinaError("model_not_found", f"{path} has no config.json", location="model",
                              hint="point model: at a Hugging Face model directory")
+        refuse_pickled_weights(path, "model")
         return str(path)
     if HUB_ID.match(name):
         return resolve_hub_id(name)
     raise AfinaError("model_not_found", f"no model directory or hub id {name!r}", location="model",
                      hint="use `default`, a local Hugging Face directory, or a hub id such as org/name")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickled_weights(directory: Path, location: str) -> None:
+    """Refuse weights stored only as pickles: unpickling a file can run any code its author put in it.
+    afina reads safetensors (and the bundled GGUF) only; pickles beside safetensors are never opened."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise AfinaError("unsafe_model_file", f"{directory / pickled[0]} holds weights as a pickle, which can run code "
+                         "when loaded; afina loads safetensors only", location=location,
+                         hint="convert it once, where you trust the file, with save_pretrained(..., "
+                              "safe_serialization=True)")
 
 
 def resolve_hub_id(name: str) -> str:
