@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PlainValidator, TypeAdapter, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from afina.config.gate import GateConfig, NotifyConfig
 from afina.config.methods import LoraMethod, Method, Strict
@@ -37,13 +38,39 @@ class DataConfig(Strict):
         return self
 
 
+def number_or_auto(kind: type, **bounds) -> object:
+    """The type of a field that takes a number within `bounds` or the word `auto` (chosen from the data
+    before training by `afina.training.auto`); one error per bad value, naming both."""
+    number = TypeAdapter(Annotated[kind, Field(**bounds)])
+
+    def validate(value: object) -> object:
+        if value == "auto":
+            return value
+        try:
+            return number.validate_python(value)
+        except ValidationError as error:
+            raise PydanticCustomError("number_or_auto", "{problem}, or auto",
+                                      {"problem": error.errors()[0]["msg"]}) from None
+
+    return Annotated[kind | Literal["auto"], PlainValidator(validate, json_schema_input_type=kind | Literal["auto"])]
+
+
+AUTO_FIELDS = ("epochs", "gradient_accumulation", "learning_rate")  # the TrainingConfig fields that take `auto`
+
+
 class TrainingConfig(Strict):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
+    epochs: number_or_auto(float, gt=0) = Field(
+        1.0, description="Passes over the training split (fractions allowed), or `auto`: 3, more for small data "
+                         "(enough optimizer steps), fewer for large (afina.training.auto).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     row_length: int = Field(1024, ge=16, description="Tokens per packed row; examples are packed up to this length.")
     rows_per_batch: int = Field(1, ge=1, description="Packed rows per micro-batch (halved automatically on out-of-memory).")
-    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    gradient_accumulation: number_or_auto(int, ge=1) = Field(
+        1, description="Micro-batches per optimizer step, or `auto`: about 0.2% of the training examples per step, "
+                       "8 to 256 (afina.training.auto).")
+    learning_rate: number_or_auto(float, gt=0) = Field(
+        2e-4, description="Peak learning rate of AdamW, or `auto`: the method's usual rate, raised with the "
+                          "examples per step (afina.training.auto).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
@@ -65,6 +92,10 @@ class TrainingConfig(Strict):
         None, description="Machine name in the price table (e.g. aws-p5.48xlarge), for live cost and max_cost.")
     price_per_hour: float | None = Field(None, ge=0, description="Price of the machine per hour; overrides the table.")
     max_cost: float | None = Field(None, gt=0, description="Stop with a checkpoint once the run has cost this much.")
+
+    def auto_fields(self) -> list[str]:
+        """The fields still set to `auto` (none once the run's data has chosen them)."""
+        return [name for name in AUTO_FIELDS if getattr(self, name) == "auto"]
 
     @model_validator(mode="after")
     def _cost_needs_a_price(self) -> "TrainingConfig":

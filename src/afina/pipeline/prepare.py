@@ -24,6 +24,7 @@ from afina.devices import resolve_precision
 from afina.errors import AfinaError, render_warning
 from afina.models.loading import check_model_available, load_tokenizer
 from afina.models.methods import check_method_supported
+from afina.training.auto import resolve_auto
 from afina.training.cost import load_price_table, price_per_hour
 from afina.training.objectives import CptObjective, SftObjective, objective_for
 
@@ -63,6 +64,7 @@ class PreparedData:
     train_tasks: list[str] = field(default_factory=list)  # the task of each training example (datasets only)
     held_out: dict[str, DataReport] = field(default_factory=dict)  # data.test_path / validation_path, by split
     warnings: list[str] = field(default_factory=list)  # rendered `warning[code] at ...` lines
+    choices: list[str] = field(default_factory=list)  # the `auto` training values chosen, with their reasons
 
 
 def weights_dtype(config: RunConfig) -> torch.dtype:
@@ -75,11 +77,14 @@ def weights_dtype(config: RunConfig) -> torch.dtype:
 
 
 def prepare_data(config: RunConfig) -> PreparedData:
-    """Read, check, split and tokenize. Raises AfinaError on bad input; writes nothing except the
-    one-time default-model cache."""
+    """Read, check, split and tokenize, and choose the `auto` training values from the training
+    examples: `config.training` is replaced by one holding numbers (`afina.training.auto`), so the
+    run directory and the loop see only numbers. Raises AfinaError on bad input; writes nothing except
+    the one-time default-model cache."""
     check_method_supported(config.method)  # a CUDA-only method on a CPU machine: refuse before any work
     objective = objective_for(config)
-    objective.check(config)  # e.g. dpo/kto on full or freeze: no frozen base to compare with
+    if not config.training.auto_fields():  # with `auto`, checked once the values are chosen (below)
+        objective.check(config)  # e.g. dpo/kto on full or freeze: no frozen base to compare with
     load_price_table()  # a broken $AFINA_HOME/prices.yaml or an unknown training.machine fails here,
     price_per_hour(config.training.machine, config.training.price_per_hour)  # not after the model loads
     check_model_available(config.model)
@@ -115,13 +120,18 @@ def prepare_data(config: RunConfig) -> PreparedData:
     examples = {task: {name: tokenize_split(rows, tokenizer, config, str(paths[task])) for name, rows in splits.items()}
                 for task, splits in tasks.items()}
     if config.datasets is None:
-        return PreparedData(reports[""], tasks[""], examples[""], tokenizer, held_out=held_out, warnings=warnings)
-    train, train_tasks = mix_examples({task: units["train"] for task, units in examples.items()},
-                                      config.datasets.weights(), config.datasets.temperature, config.training.seed)
-    together = {name: [row for splits in tasks.values() for row in splits[name]] for name in SPLITS}
-    units = {name: [unit for task_units in examples.values() for unit in task_units[name]] for name in SPLITS}
-    return PreparedData(next(iter(reports.values())), together, {**units, "train": train}, tokenizer, tasks, reports,
-                        train_tasks, warnings=warnings)
+        data = PreparedData(reports[""], tasks[""], examples[""], tokenizer, held_out=held_out, warnings=warnings)
+    else:
+        train, train_tasks = mix_examples({task: units["train"] for task, units in examples.items()},
+                                          config.datasets.weights(), config.datasets.temperature, config.training.seed)
+        together = {name: [row for splits in tasks.values() for row in splits[name]] for name in SPLITS}
+        units = {name: [unit for task_units in examples.values() for unit in task_units[name]] for name in SPLITS}
+        data = PreparedData(next(iter(reports.values())), together, {**units, "train": train}, tokenizer, tasks,
+                            reports, train_tasks, warnings=warnings)
+    if config.training.auto_fields():
+        config.training, data.choices = resolve_auto(config.training, data.examples["train"], config.method)
+        objective.check(config)
+    return data
 
 
 def check_split_sizes(splits: dict[str, list[Record]], config: RunConfig, held_out: dict[str, str],

@@ -76,6 +76,8 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedData:
         splits = data.tasks.get(task, data.splits)
         console.print(f"data{' ' + task if task else ''}: {report.rows_read} rows read, {report.rows_skipped} skipped, "
                       "splits " + ", ".join(f"{n} {len(r)}" for n, r in splits.items()))
+    for line in data.choices:  # the `auto` training values, saved as numbers in the run's config.json
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if data.tasks:
         console.print("mixture: training draws " + ", ".join(f"{t} {data.train_tasks.count(t)}" for t in data.tasks))
     warning = check_before_launch(config, data.examples["train"])  # refuses a run that cannot fit
