@@ -1,0 +1,276 @@
+"""The OpenAI-compatible inference service: /v1/models, /v1/chat/completions, /v1/completions.
+
+    app = create_app(Engine(load_served_models(sources)), ServeSettings(max_concurrent_requests=32))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+`/health` answers as soon as the process runs; `/ready` turns true once every model has generated
+a warm-up answer. Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400
+for a bad parameter (named in `param`), 404 for a model not served, 413 for a body too large, 429
+with Retry-After beyond the concurrent-request cap, 504 past the request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from afina.service.schemas import ApiError, ChatRequest, CompletionRequest, SamplingFields, parse_body
+from afina.serving.engine import Delta, Engine, Finished, GenerationRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits of the inference service."""
+
+    max_concurrent_requests: int = 64  # beyond this, 429 with Retry-After
+    max_request_tokens: int | None = None  # prompt + max_tokens per request; None: the model's context length
+    default_max_tokens: int = 512  # when a request names none (less if the context is shorter)
+    request_timeout_s: float = 300.0  # a request still running then is ended (504, or an error event)
+    max_body_bytes: int = 4 * 2**20  # larger bodies get 413
+
+
+class Slots:
+    """A counter of running requests with a cap; taking one beyond the cap fails at once."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self) -> None:
+        if self.used >= self.limit:
+            raise ApiError(429, f"the server is at its limit of {self.limit} concurrent requests; retry shortly",
+                           type="rate_limit_error", code="too_many_requests", headers={"Retry-After": "1"})
+        self.used += 1
+
+    def give_back(self) -> None:
+        self.used -= 1
+
+
+def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The service around a (not yet started) engine: started, warmed up and stopped with the app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        warm_up = asyncio.create_task(asyncio.to_thread(engine.warm_up))
+        yield
+        warm_up.cancel()
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="afina", lifespan=lifespan)
+    slots = Slots(settings.max_concurrent_requests)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": engine.ready}, status_code=200 if engine.ready else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "afina"}
+                                           for name in engine.models.names()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        slots.take()  # first: an overloaded server refuses before it reads or tokenizes anything
+        try:
+            body = parse_body(ChatRequest, await read_body(request, settings))
+            prompt_ids = chat_prompt_ids(served_model(engine, body.model).tokenizer, body)
+            json_object = body.response_format is not None and body.response_format.type == "json_object"
+            params = sampling_params(engine, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens,
+                                     json_object, settings, "messages")
+        except BaseException:
+            slots.give_back()
+            raise
+        return await respond(engine, slots, settings, body, prompt_ids, params, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        slots.take()
+        try:
+            body = parse_body(CompletionRequest, await read_body(request, settings))
+            tokenizer = served_model(engine, body.model).tokenizer
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if len(prompts) != 1:
+                raise ApiError(400, "one prompt per request", param="prompt")
+            if body.echo:
+                raise ApiError(400, "echo is not supported", param="echo")
+            prompt_ids = tokenizer(prompts[0])["input_ids"]
+            params = sampling_params(engine, body, len(prompt_ids), body.max_tokens, False, settings, "prompt")
+        except BaseException:
+            slots.give_back()
+            raise
+        return await respond(engine, slots, settings, body, prompt_ids, params, chat=False)
+
+    return app
+
+
+async def read_body(request: Request, settings: ServeSettings) -> object:
+    if int(request.headers.get("content-length") or 0) > settings.max_body_bytes:
+        raise ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes", code="body_too_large")
+    raw = await request.body()
+    if len(raw) > settings.max_body_bytes:
+        raise ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes", code="body_too_large")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+
+def chat_prompt_ids(tokenizer, body: ChatRequest) -> list[int]:
+    """The conversation through the model's own chat template, ending where the assistant answers."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, f"{body.model} has no chat template; use /v1/completions", param="model")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def served_model(engine: Engine, name: str):
+    if name not in engine.models.routes:
+        raise ApiError(404, f"the model {name!r} does not exist here; served models: {', '.join(engine.models.names())}",
+                       param="model", code="model_not_found")
+    return engine.models.get(name)
+
+
+def sampling_params(engine: Engine, body: SamplingFields, prompt_tokens: int, max_tokens: int | None,
+                    json_object: bool, settings: ServeSettings, prompt_param: str) -> SamplingParams:
+    """The engine's parameters for a request; ApiError 400 for what the request's lengths do not allow."""
+    if body.logprobs:
+        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+    context = engine.models.get(body.model).context_length
+    limit = min(settings.max_request_tokens or context, context)
+    if prompt_tokens >= limit:
+        raise ApiError(400, f"the prompt is {prompt_tokens} tokens; this server takes at most {limit} tokens per "
+                       "request (prompt + max_tokens)", param=prompt_param, code="context_length_exceeded")
+    if max_tokens is not None and prompt_tokens + max_tokens > limit:
+        raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the limit "
+                       f"of {limit} tokens per request", param="max_tokens", code="context_length_exceeded")
+    max_tokens = max_tokens or min(settings.default_max_tokens, limit - prompt_tokens)
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                          stop=body.stops(), json_object=json_object, n=body.n)
+
+
+async def respond(engine: Engine, slots: Slots, settings: ServeSettings, body: SamplingFields, prompt_ids: list[int],
+                  params: SamplingParams, chat: bool):
+    """Run the request (whose slot is taken) and answer it whole or as a stream; the slot is given back
+    when it ends, however it ends."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    request = GenerationRequest(body.model, prompt_ids, params,
+                                deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    try:
+        engine.submit(request)
+    except BaseException:
+        slots.give_back()
+        raise
+    shape = ResponseShape(body.model, chat, len(prompt_ids))
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(stream(request, events, shape, settings, slots, include_usage),
+                                 media_type="text/event-stream")
+    try:
+        texts, reasons, completion_tokens = [""] * params.n, [None] * params.n, 0
+        async with asyncio.timeout(settings.request_timeout_s):
+            while None in reasons:
+                event = await events.get()
+                if isinstance(event, Delta):
+                    texts[event.index] += event.text
+                else:
+                    reasons[event.index] = event.finish_reason
+                    completion_tokens += event.completion_tokens
+    except TimeoutError:
+        raise ApiError(504, f"the request did not finish within {settings.request_timeout_s:g} s", type="timeout",
+                       code="timeout") from None
+    finally:
+        request.cancelled.set()  # a no-op once finished; frees the engine's rows of an abandoned request
+        slots.give_back()
+    return shape.complete(texts, reasons, completion_tokens)
+
+
+async def stream(request: GenerationRequest, events: asyncio.Queue, shape: ResponseShape, settings: ServeSettings,
+                 slots: Slots, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per delta, a last chunk per choice with its finish_reason, usage
+    when asked for, then `data: [DONE]`."""
+    try:
+        if shape.chat:
+            for index in range(request.params.n):
+                yield sse(shape.chunk(index, {"role": "assistant", "content": ""}, None))
+        finished, completion_tokens = 0, 0
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                while finished < request.params.n:
+                    event = await events.get()
+                    if isinstance(event, Delta):
+                        yield sse(shape.chunk(event.index, {"content": event.text}, None, text=event.text))
+                    else:
+                        finished += 1
+                        completion_tokens += event.completion_tokens
+                        yield sse(shape.chunk(event.index, {}, event.finish_reason))
+        except TimeoutError:
+            error = ApiError(504, f"the request did not finish within {settings.request_timeout_s:g} s",
+                             type="timeout", code="timeout")
+            yield sse(error.body())
+        else:
+            if include_usage:
+                yield sse(shape.chunk(None, None, None) | {"usage": shape.usage(completion_tokens)})
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client went away mid-stream: its rows leave the batch at the next step
+        request.cancelled.set()
+        slots.give_back()
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class ResponseShape:
+    """Builds the OpenAI response objects of one request."""
+
+    model: str
+    chat: bool
+    prompt_tokens: int
+
+    def __post_init__(self):
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def complete(self, texts: list[str], reasons: list[str], completion_tokens: int) -> dict:
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                        "logprobs": None} for i, (text, reason) in enumerate(zip(texts, reasons))]
+        else:
+            choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                       for i, (text, reason) in enumerate(zip(texts, reasons))]
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+                "model": self.model, "choices": choices, "usage": self.usage(completion_tokens)}
+
+    def chunk(self, index: int | None, delta: dict | None, finish_reason: str | None, text: str = "") -> dict:
+        if index is None:
+            choices = []
+        elif self.chat:
+            choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        else:
+            choices = [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices}
