@@ -127,3 +127,27 @@ def test_json_object_output_always_parses_on_the_tiny_model(tiny_engine):
             params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=3, json_object=True)
             tokens = tiny_engine.generate("base", encode(tiny_engine, "base", prompt), params)[0]
             assert isinstance(json.loads(tokenizer.decode(tokens, skip_special_tokens=True)), dict)
+
+
+@pytest.mark.integration
+def test_json_object_makes_the_default_model_answer_in_parseable_json():
+    """The base model answers these in prose; constrained, every answer is a JSON object."""
+    served = load_served_models([ModelSource("default", "default")], device=torch.device("cpu"))
+    engine = Engine(served)
+    engine.start()
+    try:
+        tokenizer = served.get("default").tokenizer
+        questions = ["Tell me about the sea.", "Why is the sky blue?", "My printer is jammed, what do I do?",
+                     "Write a short greeting for a new colleague."]
+        prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                           add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"] for q in questions]
+        free = SamplingParams(max_tokens=24, temperature=0)
+        constrained = SamplingParams(max_tokens=24, temperature=0.7, seed=0, json_object=True, n=2)
+        prose = [tokenizer.decode(engine.generate("default", ids, free)[0], skip_special_tokens=True) for ids in prompts]
+        answers = [tokenizer.decode(tokens, skip_special_tokens=True)
+                   for ids in prompts for tokens in engine.generate("default", ids, constrained)]
+    finally:
+        engine.stop()
+    assert not any(answer.lstrip().startswith("{") for answer in prose)
+    assert all(isinstance(json.loads(answer), dict) for answer in answers)
