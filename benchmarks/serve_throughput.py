@@ -1,0 +1,170 @@
+"""Serving throughput: afina's server against plain transformers generate(), one request at a time.
+
+    python benchmarks/serve_throughput.py                          # default model, 1, 4, 8 clients
+    python benchmarks/serve_throughput.py --clients 1 4 8 16 32 --requests 4 --max-tokens 64
+
+Each level runs C concurrent clients, each sending `--requests` chat requests one after another
+(greedy, the same prompts for both systems):
+
+- `afina`: `afina serve`'s app on uvicorn (loopback), the official `openai` client streaming with
+  usage; time to first token is the first content chunk's arrival.
+- `generate`: the same model's `generate()` serving one request at a time behind a lock, as a plain
+  transformers server would; time to first token is when the first token's logits are ready.
+
+Output tokens/s is every client's completion tokens over the level's wall time. Results go to a JSON
+file (`--out`); ratios are afina over generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+QUESTIONS = ["My printer is jammed, what should I do?", "How do I reset my password?",
+             "The VPN does not connect from home.", "Outlook keeps asking for my password.",
+             "Explain what a firewall does.", "Write a short welcome note for a new colleague.",
+             "Why is my laptop so slow?", "How do I share a calendar with my team?"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def summarize(ttfts: list[float], tokens: int, wall: float) -> dict:
+    return {"requests": len(ttfts), "output_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2), "ttft_p50_s": round(statistics.median(ttfts), 4),
+            "ttft_p99_s": round(percentile(ttfts, 99), 4)}
+
+
+def run_generate(model, tokenizer, clients: int, requests: int, max_tokens: int) -> dict:
+    """Plain generate(), one request at a time (a lock), `clients` threads asking in turn."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    lock = threading.Lock()
+    ttfts: list[float] = []
+    counts: list[int] = []
+
+    class FirstToken(LogitsProcessor):
+        def __init__(self):
+            self.at = None
+
+        def __call__(self, input_ids, scores):
+            self.at = self.at or time.perf_counter()
+            return scores
+
+    def client(number: int) -> None:
+        for i in range(requests):
+            question = QUESTIONS[(number + i) % len(QUESTIONS)]
+            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                 add_generation_prompt=True)
+            encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            first = FirstToken()
+            asked = time.perf_counter()
+            with lock, torch.inference_mode():
+                output = model.generate(**encoded, max_new_tokens=max_tokens, do_sample=False,
+                                        logits_processor=LogitsProcessorList([first]),
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            ttfts.append(first.at - asked)
+            new = output[0, encoded["input_ids"].shape[1]:].tolist()
+            counts.append(len([t for t in new if t != tokenizer.eos_token_id]))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return summarize(ttfts, sum(counts), time.perf_counter() - start)
+
+
+async def run_afina(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    ttfts: list[float] = []
+    counts: list[int] = []
+
+    async def one_client(number: int) -> None:
+        for i in range(requests):
+            question = QUESTIONS[(number + i) % len(QUESTIONS)]
+            asked, first = time.perf_counter(), None
+            stream = await client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+                temperature=0, stream=True, stream_options={"include_usage": True})
+            async for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter()
+                if chunk.usage:
+                    counts.append(chunk.usage.completion_tokens)
+            ttfts.append((first or time.perf_counter()) - asked)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(n) for n in range(clients)))
+    wall = time.perf_counter() - start
+    await client.close()
+    return summarize(ttfts, sum(counts), wall)
+
+
+def start_server(model: str, max_batch_size: int):
+    import uvicorn
+
+    from afina.service.app import create_app
+    from afina.serving.engine import Engine
+    from afina.serving.loading import load_served_models, resolve_source
+
+    engine = Engine(load_served_models([resolve_source(model)]), max_batch_size=max_batch_size)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not engine.ready:
+        time.sleep(0.05)
+    return server, engine, f"http://127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="what `afina serve` takes (default: the default model)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
+    args = parser.parse_args()
+
+    from afina.models.loading import load_model, load_tokenizer
+    from afina.pipeline.prepare import quiet_libraries
+
+    quiet_libraries()
+    server, engine, url = start_server(args.model, max(args.clients))
+    model, tokenizer = engine.models.get(engine.models.names()[0]).model, load_tokenizer(args.model)
+    results = {"model": args.model, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+               "torch_threads": torch.get_num_threads(), "levels": []}
+    for clients in args.clients:
+        plain = run_generate(model, tokenizer, clients, args.requests, args.max_tokens)  # the engine is idle now
+        ours = asyncio.run(run_afina(url, clients, args.requests, args.max_tokens))
+        level = {"clients": clients, "afina": ours, "generate": plain,
+                 "throughput_ratio": round(ours["tokens_per_s"] / plain["tokens_per_s"], 2),
+                 "ttft_p99_ratio": round(ours["ttft_p99_s"] / plain["ttft_p99_s"], 2)}
+        results["levels"].append(level)
+        print(f"{clients:>3} clients  afina {ours['tokens_per_s']:>7.1f} tok/s  ttft p50 {ours['ttft_p50_s']:.3f}s "
+              f"p99 {ours['ttft_p99_s']:.3f}s | generate {plain['tokens_per_s']:>7.1f} tok/s  ttft p50 "
+              f"{plain['ttft_p50_s']:.3f}s p99 {plain['ttft_p99_s']:.3f}s | throughput x{level['throughput_ratio']}",
+              flush=True)
+    server.should_exit = True
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
