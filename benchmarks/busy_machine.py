@@ -33,9 +33,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_speed import TRL_ENV, worker_command, worker_result  # noqa: E402
+from train_speed import TRL_ENV, worker_command, worker_result
 
-from afina.training.allocator import WAIT_SETTINGS, openmp_environment  # noqa: E402
+from afina.training.allocator import WAIT_SETTINGS, openmp_environment
 
 SYSTEMS = {"afina": {"system": "afina"}, "afina_spinning": {"system": "afina"},
            "trl_default": {"system": "trl", "variant": "defaults", "env": TRL_ENV}}

@@ -27,20 +27,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from afina.config.methods import (
-    AdapterMethod,
-    DoraMethod,
-    FreezeMethod,
-    FullMethod,
-    Ia3Method,
-    LoraMethod,
-    LoreftMethod,
-    MethodConfig,
-    PrefixMethod,
-    PromptMethod,
-    QloraMethod,
-    RsloraMethod,
-)
+from afina.config.methods import (AdapterMethod, DoraMethod, FreezeMethod, FullMethod, Ia3Method, LoraMethod,
+                                  LoreftMethod, MethodConfig, PrefixMethod, PromptMethod, QloraMethod,
+                                  RsloraMethod)
 from afina.config.schema import TrainingConfig
 from afina.data.packing import pack_examples
 from afina.data.tokenize import Example
