@@ -1,0 +1,60 @@
+"""The model card (README.md in an export): the lineage a reviewer asks for."""
+
+from __future__ import annotations
+
+from afina.store.records import Model
+
+from afina.export.source import ExportSource
+
+
+def render_card(source: ExportSource, export_format: str, quant: str | None, check: dict | None,
+                version: str) -> str:
+    """Markdown: base model, method, data hashes, metrics base vs tuned, the gate's decision, the
+    afina version and the round trip's result. Without a registry record, what the run directory holds."""
+    config, record = source.config, source.record
+    lines = [f"# {record.ref if record else source.run_dir.name}", "",
+             f"Fine-tuned from `{config.model}` with afina {version}.", "",
+             "| | |", "| --- | --- |",
+             f"| base model | `{config.model}`" + (f" (weights sha256 `{record.base_sha256[:16]}`)"
+                                                   if record and record.base_sha256 else "") + " |",
+             f"| method | {config.method.name} (merged into the weights) |",
+             f"| objective | {config.objective.name} |",
+             f"| run | `{source.run_dir.name}` |",
+             f"| format | {export_format}{f' {quant}' if quant else ''} |"]
+    if record is not None:
+        lines += [f"| registered | {record.ref}, {record.created_at:%Y-%m-%d}"
+                  + (f", aliases {', '.join(record.aliases)}" if record.aliases else "") + " |", ""]
+        lines += data_section(record) + metrics_section(record) + gate_section(record)
+    else:
+        lines += ["", "This run is not in the registry: no data hashes, metrics or gate decision were recorded.", ""]
+    if check is not None:
+        lines += ["## Round trip", "",
+                  f"Loaded in {check['runtime']}, {check['answers']} test prompts answered greedily: "
+                  f"{check['identical']} identical to the tuned model's answers in afina "
+                  f"(agreement {check['agreement']:.0%}).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def data_section(record: Model) -> list[str]:
+    lines = ["## Data", "", "| role:file | sha256 |", "| --- | --- |"]
+    lines += [f"| {name} | `{digest}` |" for name, digest in sorted(record.data_hashes.items())]
+    return lines + [""]
+
+
+def metrics_section(record: Model) -> list[str]:
+    base, tuned = record.metrics.get("base", {}), record.metrics.get("tuned", {})
+    lines = ["## Metrics on the held-out test split", "", "| metric | base | tuned |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {base[name]:.4g} | {tuned[name]:.4g} |" for name in sorted(set(base) & set(tuned))]
+    return lines + [""]
+
+
+def gate_section(record: Model) -> list[str]:
+    gate = record.gate
+    decision = "passed" if gate.get("passed") else "failed"
+    lines = ["## Gate", "", f"Decision: **{decision}** on `{gate.get('metric')}`"
+             + (f" ({gate.get('base_value'):.4g} -> {gate.get('tuned_value'):.4g})"
+                if gate.get("base_value") is not None and gate.get("tuned_value") is not None else "")
+             + (f", improvement interval {gate['interval'][0]:.3g} to {gate['interval'][1]:.3g}" if gate.get("interval") else "")
+             + "."]
+    lines += [f"- {reason}" for reason in gate.get("reasons", [])]
+    return lines + [""]

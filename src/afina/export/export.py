@@ -1,0 +1,174 @@
+"""`export_model`: one export from start to end, read top to bottom.
+
+    check what was asked (format, quantization, architecture, runtime) -> answer the test prompts with
+    the tuned model -> merge -> write into a staging folder -> load it back and compare -> model card
+    -> rename into place
+
+A failed round trip leaves nothing at the destination: an export that answers wrongly is never
+where a deployment would pick it up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from afina.errors import AfinaError
+from afina.export import gguf_file
+from afina.export.card import render_card
+from afina.export.hf_dir import end_of_turn_id, write_hf_directory
+from afina.export.merged import check_mergeable, load_tuned, merge_tuned
+from afina.export.ollama import render_modelfile
+from afina.export.roundtrip import RoundTrip, check_hf_directory, tuned_answers
+from afina.export.source import ExportSource, resolve_source
+from afina.paths import afina_home
+
+FORMATS = ("safetensors", "gguf")
+EXACT = ("f32", "f16", "bf16")
+MIN_AGREEMENT = {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8_0": 0.8}
+"""Share of identical greedy answers an export must reach by default: all for unquantized weights;
+for quantized ones a floor that catches a ruined quantization, not the usual rounding flips."""
+QUANTIZED_FLOOR = 0.5
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the export is and what its round trip measured."""
+
+    path: Path  # the directory (safetensors) or the .gguf file
+    directory: Path
+    format: str
+    quant: str | None
+    size_bytes: int
+    check: RoundTrip | None
+
+
+def default_min_agreement(quant: str | None) -> float:
+    return MIN_AGREEMENT.get(quant or "f32", QUANTIZED_FLOOR)
+
+
+def export_model(target: str, export_format: str, quant: str | None = None, out: Path | None = None,
+                 prompts: int = 8, min_agreement: float | None = None, verify: bool = True,
+                 console: Console | None = None) -> ExportResult:
+    """Export the run or registered model `target` as `export_format` and prove it answers as the
+    tuned model does on `prompts` test prompts (unless `verify` is off)."""
+    console = console or Console(quiet=True)
+    quant = check_request(export_format, quant, verify)
+    source = resolve_source(target)
+    check_mergeable(source.config.method)
+    if export_format == "gguf":
+        gguf_file.check_architecture(source.config.model)
+    destination = (out or default_destination(source, export_format, quant)).expanduser()
+    if destination.exists() and any(destination.iterdir()):
+        raise AfinaError("export_exists", "the destination is not empty", location=str(destination),
+                         hint="choose another --out, or remove it")
+    conversations = test_prompts(source, prompts)
+    max_new_tokens = source.config.eval.max_new_tokens
+
+    from afina.models.loading import load_tokenizer
+    from afina.pipeline.prepare import quiet_libraries
+
+    quiet_libraries()
+    tokenizer = load_tokenizer(source.config.model)
+    eos = end_of_turn_id(tokenizer)
+    with console.status("loading the tuned model"):
+        tuned = load_tuned(source)
+    with console.status(f"answering {len(conversations)} test prompts with the tuned model"):
+        reference = tuned_answers(tuned, tokenizer, conversations, max_new_tokens) if verify else []
+    dtype = next(tuned.parameters()).dtype
+    merged = merge_tuned(tuned, source)
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{destination.name}-", dir=destination.parent))
+    try:
+        with console.status(f"writing {export_format}{f' {quant}' if quant else ''}"):
+            if export_format == "safetensors":
+                write_hf_directory(merged, tokenizer, staging)
+                artifact = staging
+            else:
+                artifact = staging / f"{destination.name}.gguf"
+                gguf_file.write_gguf(merged, tokenizer, artifact, quant)
+                (staging / "Modelfile").write_text(render_modelfile(artifact.name, tokenizer))
+        del merged, tuned
+        check = None
+        if verify:
+            with console.status(f"round trip: loading the export and answering {len(conversations)} prompts"):
+                if export_format == "safetensors":
+                    check = check_hf_directory(staging, reference, conversations, max_new_tokens, eos, dtype)
+                else:
+                    check = gguf_file.check_gguf_file(artifact, reference, conversations, max_new_tokens, eos,
+                                                      tokenizer)
+            require_agreement(check, quant, min_agreement, artifact)
+        write_record(staging, source, export_format, quant, check)
+        if destination.exists():
+            destination.rmdir()  # empty, checked above
+        os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    path = destination if export_format == "safetensors" else destination / artifact.name
+    size = sum(f.stat().st_size for f in destination.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".gguf"))
+    return ExportResult(path, destination, export_format, quant, size, check)
+
+
+def check_request(export_format: str, quant: str | None, verify: bool) -> str | None:
+    """Refuse an unknown format or quantization, and a GGUF export whose tools are missing, before
+    any model loads. Returns the quantization to write (f16 by default for GGUF, none for safetensors)."""
+    if export_format not in FORMATS:
+        raise AfinaError("bad_option", f"unknown format {export_format!r}", location="--format",
+                         hint=f"one of {', '.join(FORMATS)}")
+    if export_format == "safetensors":
+        if quant not in (None, "f32", "bf16", "f16"):
+            raise AfinaError("bad_option", "safetensors exports keep the tuned model's own precision",
+                             location="--quant", hint="drop --quant, or export --format gguf --quant " + quant)
+        return None
+    quant = (quant or "f16").lower()
+    gguf_file.check_quant(quant, verify)
+    return quant
+
+
+def default_destination(source: ExportSource, export_format: str, quant: str | None) -> Path:
+    name = f"{source.record.name}-v{source.record.version}" if source.record else source.run_dir.name
+    return afina_home() / "exports" / f"{name}-{export_format}{f'-{quant}' if quant else ''}"
+
+
+def test_prompts(source: ExportSource, count: int) -> list[list[dict]]:
+    """The first `count` prompts of the run's test split: the conversation before each answer."""
+    from afina.pipeline.run_dir import read_split
+
+    conversations = [r.prompt_messages() for r in read_split(source.run_dir, "test") if r.kind == "chat"]
+    conversations = [c for c in conversations if c][:count]
+    if not conversations:
+        raise AfinaError("no_test_rows", "the run's test split has no chat prompts to check the export with",
+                         location=str(source.run_dir / "test.jsonl"), hint="export with --no-verify")
+    return conversations
+
+
+def require_agreement(check: RoundTrip, quant: str | None, min_agreement: float | None, artifact: Path) -> None:
+    floor = default_min_agreement(quant) if min_agreement is None else min_agreement
+    if check.agreement < floor:
+        raise AfinaError("export_mismatch", f"{check.identical} of {check.answers} answers identical to the tuned "
+                         f"model's ({check.agreement:.0%}, at least {floor:.0%} required); first difference: "
+                         f"{check.first_difference}", location=str(artifact),
+                         hint="export a less quantized format (q8_0, f16), or lower --min-agreement if the "
+                              "differences are acceptable")
+
+
+def write_record(directory: Path, source: ExportSource, export_format: str, quant: str | None,
+                 check: RoundTrip | None) -> None:
+    """README.md (the model card) and export.json (the same facts for scripts)."""
+    from afina.pipeline.workflow import afina_version
+
+    summary = None
+    if check is not None:
+        summary = {k: v for k, v in asdict(check).items() if k != "details"} | {"agreement": check.agreement}
+    (directory / "README.md").write_text(render_card(source, export_format, quant, summary, afina_version()))
+    manifest = {"run": str(source.run_dir), "model": source.record.ref if source.record else None,
+                "base_model": source.config.model, "method": source.config.method.name, "format": export_format,
+                "quant": quant, "round_trip": summary | {"details": check.details} if check else None}
+    (directory / "export.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))

@@ -1,0 +1,139 @@
+"""Load an export in its target runtime, answer the run's test prompts greedily, and compare.
+
+The common failures of an exported model are a lost chat template, a wrong end-of-turn token (the
+model never stops), a broken tokenizer, and a quantization that ruins the answers. Each is checked
+on its own, so the error says which one it is, and then the answers themselves are compared:
+
+    reference = tuned_answers(tuned, tokenizer, prompts, max_new_tokens)   # afina, before export
+    report = check_hf_directory(directory, reference, max_new_tokens)        # transformers
+    report = check_gguf_file(path, reference, max_new_tokens)               # llama.cpp
+
+Every prompt is answered on its own (no batch padding) on both sides, so that an unquantized export
+gives the same tokens as afina, not merely close ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from afina.errors import AfinaError
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One greedy answer: the rendered prompt, the generated token ids (end-of-turn included when the
+    model stopped) and the text."""
+
+    prompt: str
+    tokens: tuple[int, ...]
+    text: str
+
+
+@dataclass
+class RoundTrip:
+    """What the round trip measured: exact answer agreement, and the runtime's speed."""
+
+    answers: int = 0
+    identical: int = 0
+    stopped: int = 0  # answers that ended with the end-of-turn token on both sides
+    load_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    first_difference: str | None = None
+    runtime: str = ""
+    details: list[dict] = field(default_factory=list)
+
+    @property
+    def agreement(self) -> float:
+        return self.identical / self.answers if self.answers else 1.0
+
+
+@torch.no_grad()
+def tuned_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[Answer]:
+    """The tuned model's greedy answers in afina, one prompt at a time, stopping at eos."""
+    model.eval()
+    device = next(model.parameters()).device
+    answers = []
+    for messages in conversations:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                else tokenizer.eos_token_id)
+        new = tuple(output[0, ids.shape[1]:].tolist())
+        answers.append(Answer(prompt, new, tokenizer.decode(new, skip_special_tokens=True).strip()))
+    return answers
+
+
+def mismatch(message: str, location: str, hint: str) -> AfinaError:
+    return AfinaError("export_mismatch", message, location=location, hint=hint)
+
+
+def compare_answers(report: RoundTrip, reference: list[Answer], exported: list[Answer], eos: int) -> RoundTrip:
+    """Count identical answers; the first difference is kept to show the user."""
+    for ref, got in zip(reference, exported, strict=True):
+        same = ref.tokens == got.tokens or ref.text == got.text
+        report.answers += 1
+        report.identical += same
+        report.stopped += bool(ref.tokens and got.tokens and ref.tokens[-1] == eos and got.tokens[-1] == eos)
+        report.details.append({"tuned": ref.text, "export": got.text, "identical": same})
+        if not same and report.first_difference is None:
+            report.first_difference = f"tuned {ref.text[:80]!r}, export {got.text[:80]!r}"
+    return report
+
+
+def check_stops(reference: list[Answer], exported: list[Answer], eos: int, location: str) -> None:
+    """The export must stop where the tuned model stops: an answer the tuned model ended with its
+    end-of-turn token that the export ran on past (to the token limit) is a wrong stop token."""
+    for ref, got in zip(reference, exported, strict=True):
+        ref_stops = bool(ref.tokens) and ref.tokens[-1] == eos
+        got_stops = bool(got.tokens) and got.tokens[-1] == eos
+        if ref_stops and not got_stops and len(got.tokens) > len(ref.tokens):
+            raise mismatch("the export does not stop where the tuned model stops (end-of-turn token lost or wrong): "
+                           f"tuned {ref.text[:60]!r}, export {got.text[:60]!r}", location,
+                           "the export's end-of-turn token must be the tokenizer's eos; export again")
+
+
+# -- transformers ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def check_hf_directory(directory: Path, reference: list[Answer], conversations: list[list[dict]],
+                       max_new_tokens: int, eos: int, dtype: torch.dtype) -> RoundTrip:
+    """Load the exported directory with plain transformers (its own tokenizer, chat template and
+    generation config, as any user of it would) and answer the prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+    model.eval()
+    generation = GenerationConfig.from_pretrained(directory)
+    report = RoundTrip(runtime="transformers", load_seconds=time.perf_counter() - start)
+    stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    if eos not in stops:
+        raise mismatch(f"generation_config.json stops at {stops}, the tuned model at token {eos}",
+                       str(directory / "generation_config.json"), "the end-of-turn token must be eos; export again")
+    if not tokenizer.chat_template:
+        raise mismatch("the exported tokenizer has no chat template", str(directory / "tokenizer_config.json"),
+                       "export again; a runtime would format prompts differently from training")
+    answers, generated, seconds = [], 0, 0.0
+    for messages, ref in zip(conversations, reference, strict=True):
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if prompt != ref.prompt:
+            raise mismatch("the exported chat template renders a prompt differently from the tuned model's",
+                           str(directory / "tokenizer_config.json"), "export again")
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        tick = time.perf_counter()
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation,
+                                max_new_tokens=max_new_tokens)
+        seconds += time.perf_counter() - tick
+        new = tuple(output[0, ids.shape[1]:].tolist())
+        generated += len(new)
+        answers.append(Answer(prompt, new, tokenizer.decode(new, skip_special_tokens=True).strip()))
+    report.tokens_per_second = generated / seconds if seconds else 0.0
+    check_stops(reference, answers, eos, str(directory / "generation_config.json"))
+    return compare_answers(report, reference, answers, eos)

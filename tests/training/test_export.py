@@ -1,0 +1,193 @@
+"""`afina export` on the tiny Llama: a merged safetensors directory and a GGUF file each load back in
+their runtime and answer the run's test prompts exactly as the tuned model does in afina; a broken
+export (chat template or end-of-turn token removed) is caught as `export_mismatch`; a method that
+cannot merge and a truncated GGUF are located errors, not tracebacks.
+
+The run is built directly (a LoRA with a fixed random update, no training): what is checked is
+that the export reproduces the tuned model, whatever the model learned.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from afina.config.schema import RunConfig
+from afina.data.formats import normalize_row
+from afina.errors import AfinaError
+from afina.models.artifacts import save_trained
+from afina.models.loading import load_model, load_tokenizer
+from afina.models.methods import apply_method
+from afina.pipeline.run_dir import write_records
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_run(directory: Path, model_dir: Path, rows: list[dict], method: dict) -> Path:
+    """A run directory as `afina train` leaves it: config, test split, trained weights, tokenizer."""
+    directory.mkdir(parents=True)
+    config = RunConfig.model_validate({"name": "tickets", "model": str(model_dir), "data": {"path": "tickets.jsonl"},
+                                       "method": method, "training": {"precision": "fp32"},
+                                       "eval": {"max_new_tokens": 12}})
+    (directory / "config.json").write_text(config.model_dump_json(indent=2))
+    write_records(directory / "test.jsonl", [normalize_row(row, i + 1)[0] for i, row in enumerate(rows)])
+    torch.manual_seed(1)
+    model = apply_method(load_model(str(model_dir)), config.method)
+    with torch.no_grad():  # a visible update, so that an export without it would answer differently
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.3)
+    save_trained(model, config.method, directory / "adapter")
+    load_tokenizer(str(model_dir)).save_pretrained(directory / "adapter")
+    return directory
+
+
+@pytest.fixture
+def lora_run(tmp_path, tiny_model_dir, ticket_rows) -> Path:
+    return make_run(tmp_path / "tickets-lora", tiny_model_dir, ticket_rows[:6], {"name": "lora", "r": 4})
+
+
+def test_safetensors_export_answers_as_the_tuned_model(lora_run, tmp_path):
+    from afina.export.export import export_model
+
+    result = export_model(str(lora_run), "safetensors", out=tmp_path / "out", prompts=4)
+    assert result.check.answers == 4 and result.check.identical == 4
+    files = {p.name for p in result.directory.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md",
+            "export.json"} <= files
+    generation = json.loads((result.directory / "generation_config.json").read_text())
+    tokenizer = load_tokenizer(str(result.directory))
+    assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.chat_template
+    assert "lora" in (result.directory / "README.md").read_text()
+    assert not any(p.name.startswith(".staging") for p in tmp_path.iterdir())
+    exported, base = load_model(str(result.directory)), load_model(json.loads((lora_run / "config.json").read_text())["model"])
+    assert not torch.equal(exported.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_removed_end_of_turn_token_or_template_is_an_export_mismatch(lora_run, tmp_path):
+    from afina.export.export import test_prompts
+    from afina.export.hf_dir import write_hf_directory
+    from afina.export.merged import load_tuned, merge_tuned
+    from afina.export.roundtrip import check_hf_directory, tuned_answers
+    from afina.export.source import resolve_source
+
+    source = resolve_source(str(lora_run))
+    tokenizer = load_tokenizer(source.config.model)
+    prompts = test_prompts(source, 2)
+    tuned = load_tuned(source)
+    reference = tuned_answers(tuned, tokenizer, prompts, 12)
+    directory = write_hf_directory(merge_tuned(tuned, source), tokenizer, tmp_path / "broken")
+    eos = tokenizer.eos_token_id
+
+    generation = json.loads((directory / "generation_config.json").read_text())
+    (directory / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": tokenizer.bos_token_id}))
+    with pytest.raises(AfinaError) as caught:
+        check_hf_directory(directory, reference, prompts, 12, eos, torch.float32)
+    assert caught.value.code == "export_mismatch" and "generation_config" in caught.value.location
+
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    settings = json.loads((directory / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (directory / name).unlink(missing_ok=True)
+    with pytest.raises(AfinaError) as caught:
+        check_hf_directory(directory, reference, prompts, 12, eos, torch.float32)
+    assert caught.value.code == "export_mismatch"
+
+
+def test_a_method_that_does_not_merge_is_refused_naming_those_that_do(tmp_path, tiny_model_dir, ticket_rows):
+    from afina.cli.export import export_command
+    from afina.cli.console import user_errors
+    import typer
+
+    run = make_run(tmp_path / "tickets-loreft", tiny_model_dir, ticket_rows[:2],
+                   {"name": "loreft", "r": 2, "positions": "all", "dropout": 0.0})
+    app = typer.Typer()
+    app.command()(user_errors(export_command))
+    result = CliRunner().invoke(app, [str(run), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "error[not_mergeable]" in result.output and "lora" in result.output and "full" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def gguf_reference(run: Path, count: int = 4):
+    """What the round trip compares a GGUF with: the tuned model's answers, and the merged model."""
+    from afina.export.export import test_prompts
+    from afina.export.merged import load_tuned, merge_tuned
+    from afina.export.roundtrip import tuned_answers
+    from afina.export.source import resolve_source
+
+    source = resolve_source(str(run))
+    tokenizer = load_tokenizer(source.config.model)
+    prompts = test_prompts(source, count)
+    tuned = load_tuned(source)
+    reference = tuned_answers(tuned, tokenizer, prompts, 12)
+    return tokenizer, prompts, reference, merge_tuned(tuned, source)
+
+
+def test_gguf_f16_export_answers_as_the_tuned_model_in_llama_cpp(lora_run, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (dev extra) runs the GGUF round trip")
+    from afina.export.export import export_model
+    from afina.export.gguf_file import read_gguf_metadata
+
+    result = export_model(str(lora_run), "gguf", "f16", out=tmp_path / "out", prompts=4)
+    assert result.path.suffix == ".gguf" and result.check.runtime == "llama.cpp"
+    assert (result.check.answers, result.check.identical) == (4, 4)
+    metadata = read_gguf_metadata(result.path)
+    tokenizer = load_tokenizer(str(lora_run / "adapter"))
+    assert metadata["tokenizer.chat_template"] == tokenizer.chat_template
+    assert metadata["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    modelfile = (result.directory / "Modelfile").read_text()
+    assert f"FROM ./{result.path.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_q8_0_reports_its_agreement(lora_run, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (dev extra) runs the GGUF round trip")
+    from afina.export.export import export_model
+
+    result = export_model(str(lora_run), "gguf", "q8_0", out=tmp_path / "out", prompts=4, min_agreement=0.0)
+    assert result.check.answers == 4 and 0 <= result.check.identical <= 4
+    f16 = export_model(str(lora_run), "gguf", "f16", out=tmp_path / "f16", prompts=1, verify=False)
+    assert result.size_bytes < f16.size_bytes
+
+
+def test_a_gguf_without_template_or_with_a_wrong_end_of_turn_token_is_an_export_mismatch(lora_run, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (dev extra) runs the GGUF round trip")
+    from afina.export.gguf_file import check_gguf_file, write_gguf
+
+    tokenizer, prompts, reference, merged = gguf_reference(lora_run, 2)
+    eos = tokenizer.eos_token_id
+    for broken in ({"chat_template": ""}, {"eos_token": "<pad>"}):
+        damaged = load_tokenizer(str(lora_run / "adapter"))
+        for key, value in broken.items():
+            setattr(damaged, key, value)
+        path = write_gguf(merged, damaged, tmp_path / f"{next(iter(broken))}.gguf", "f16")
+        with pytest.raises(AfinaError) as caught:
+            check_gguf_file(path, reference, prompts, 12, eos, tokenizer)
+        assert caught.value.code == "export_mismatch", broken
+
+
+def test_a_truncated_gguf_is_a_located_error(lora_run, tmp_path):
+    from afina.export.gguf_file import read_gguf_metadata, write_gguf
+
+    tokenizer, _, _, merged = gguf_reference(lora_run, 1)
+    path = write_gguf(merged, tokenizer, tmp_path / "model.gguf", "f16")
+    assert read_gguf_metadata(path)["general.architecture"] == "llama"
+    data = path.read_bytes()
+    for size in (len(data) - 100, len(data) // 3, 20):
+        path.write_bytes(data[:size])
+        with pytest.raises(AfinaError) as caught:
+            read_gguf_metadata(path)
+        assert caught.value.code == "artifact_invalid" and caught.value.location == str(path)
