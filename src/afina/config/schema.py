@@ -30,6 +30,10 @@ class DataConfig(Strict):
     max_length: int = Field(1024, ge=16, description="Longest example in tokens; longer ones are truncated.")
     train_on_prompt: bool = Field(False, description="Train on every token, not just assistant answers.")
     skip_invalid: bool = Field(False, description="Skip invalid rows (counted in the report) instead of failing.")
+    mask_pii: bool = Field(False, description="Replace personal data (e-mails, phones, IBANs, cards, DNI/NIE, NIF, "
+                                              "CPF, SSN, IPs) with typed placeholders such as <EMAIL_1> as the data "
+                                              "is read, before splitting: the originals never reach a split file, "
+                                              "a checkpoint or the store. `afina data scan` shows what it finds.")
 
     @model_validator(mode="after")
     def _held_out_leaves_training_rows(self) -> "DataConfig":

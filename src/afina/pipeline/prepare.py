@@ -17,6 +17,7 @@ import transformers
 
 from afina.config.schema import RunConfig
 from afina.data.mixture import mix_examples
+from afina.data.pii import mask_record
 from afina.data.records import Record
 from afina.data.split import overlapping_records, split_records
 from afina.data.validate import DataReport, load_records
@@ -97,7 +98,7 @@ def prepare_data(config: RunConfig) -> PreparedData:
     paths, reports, tasks = {}, {}, {}
     for task, source in sources.items():  # every file is checked before any is tokenized
         paths[task] = resolve_data_path(source)
-        reports[task] = load_records(paths[task], skip_invalid=config.data.skip_invalid)
+        reports[task] = read_data(paths[task], config)
         objective.check_rows(reports[task].records, str(paths[task]))
         tasks[task] = split_records(reports[task].records,
                                     0.0 if "validation" in held_out_sources else config.data.validation,
@@ -105,7 +106,7 @@ def prepare_data(config: RunConfig) -> PreparedData:
     held_out = {}
     for name, source in held_out_sources.items():
         path = resolve_data_path(source)
-        held_out[name] = load_records(path, skip_invalid=config.data.skip_invalid)
+        held_out[name] = read_data(path, config)
         objective.check_rows(held_out[name].records, str(path))
         tasks[""][name] = held_out[name].records
     warnings = [line for task in tasks for line in check_split_sizes(tasks[task], config, held_out_sources,
@@ -160,6 +161,15 @@ def tokenize_split(records: list[Record], tokenizer, config: RunConfig, path: st
     return objective_for(config).tokenize(records, tokenizer, path)
 
 
+def read_data(path: Path, config: RunConfig) -> DataReport:
+    """A data file's valid rows, with `data.mask_pii` its personal data replaced by typed placeholders
+    (`afina.data.pii`) before anything else sees them: splits, tokens, checkpoints, the store."""
+    report = load_records(path, skip_invalid=config.data.skip_invalid)
+    if config.data.mask_pii:
+        report.records = [mask_record(record) for record in report.records]
+    return report
+
+
 def general_units(config: RunConfig, tokenizer) -> tuple[object, list] | None:
     """The `gate.general_data` file as (objective, units) for the forgetting check: chat rows are read
     as supervised examples, `text` rows as continued-pretraining blocks. Without a tokenizer the file
@@ -167,7 +177,7 @@ def general_units(config: RunConfig, tokenizer) -> tuple[object, list] | None:
     if config.gate.general_data is None:
         return None
     path = resolve_data_path(config.gate.general_data)
-    records = load_records(path).records
+    records = read_data(path, config).records
     kinds = {record.kind for record in records}
     objective = next((candidate for candidate in (SftObjective, CptObjective) if kinds <= set(candidate.reads)), None)
     if objective is None:

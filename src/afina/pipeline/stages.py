@@ -22,9 +22,8 @@ from afina.eval.compare import comparison_table, evaluate_objective
 from afina.models.artifacts import check_trained, load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.models.methods import apply_method, base_model
-from afina.data.validate import load_records
-from afina.pipeline.prepare import (PreparedData, general_units, prepare_data, quiet_libraries, tokenize_split,
-                                   weights_dtype)
+from afina.pipeline.prepare import (PreparedData, general_units, prepare_data, quiet_libraries, read_data,
+                                   tokenize_split, weights_dtype)
 from afina.paths import check_afina_home
 from afina.pipeline.run_dir import create_run_dir, load_run_config, read_split, save_run_config
 from afina.training.allocator import missing_allocator_hint
@@ -134,7 +133,7 @@ def evaluate_run(run_dir: Path, console: Console, model=None, data_file: Path | 
     quiet_libraries()
     config = load_run_config(run_dir)  # the run is checked before any model loads
     if data_file is not None:
-        report = load_records(data_file, skip_invalid=config.data.skip_invalid)
+        report = read_data(data_file, config)
         objective_for(config).check_rows(report.records, str(data_file))
         splits = {"": report.records[: config.eval.max_examples or None]}
         target = run_dir / f"eval-{data_file.stem}.json"
