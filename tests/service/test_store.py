@@ -201,10 +201,10 @@ def test_events_are_kept_in_order(store):
     store.add_event("notify_failed", "webhook: connection refused", run_id=run.id, level="warning")
     store.add_event("store_opened", "not tied to a run")
     events = store.events(run.id)
-    assert [e.kind for e in events] == ["test_overlap", "notify_failed"]
-    assert events[0].details == {"rows": [1, 5, 9]} and events[0].created_at.tzinfo == timezone.utc
+    assert [e.kind for e in events] == ["run_started", "test_overlap", "notify_failed"]  # a run's start is audited
+    assert events[1].details == {"rows": [1, 5, 9]} and events[1].created_at.tzinfo == timezone.utc
     assert [e.kind for e in store.events(kind="store_opened")] == ["store_opened"]
-    assert len(store.events()) == 3
+    assert len(store.events()) == 4
     with pytest.raises(ValueError, match="event level"):
         store.add_event("x", "y", level="loud")
 
@@ -222,7 +222,7 @@ def test_versions_count_up_per_name_and_keep_their_lineage(store):
     assert first.metrics["note"] == "é ✓" and first.gate["interval"] == [0.5, 0.7] and first.run_id == run.id
     assert first.afina_version and first.status == "registered" and first.ref == "tickets:1"
     assert [m.ref for m in store.list_models()] == ["invoices:1", "tickets:1", "tickets:2"]
-    assert [e.kind for e in store.events(run.id)] == ["model_registered", "model_registered"]
+    assert [e.kind for e in store.events(run.id)] == ["run_started", "model_registered", "model_registered"]
 
 
 def test_concurrent_registrations_never_share_a_version(store_url):

@@ -8,13 +8,15 @@
     afina merge RUN                     # fold the adapter into its base
     afina estimate config.yaml          # tokens, steps, peak memory, time and cost before launch
     afina models list | runs list       # the registry and the record of attempts
+    afina serve demo:production         # an OpenAI-compatible server for the base and tuned models
+    afina audit verify                  # the audit trail's hash chain
 """
 
 from __future__ import annotations
 
 import typer
 
-from afina.cli import data, demo, estimate, eval, merge, registry, run, train
+from afina.cli import data, demo, estimate, eval, merge, registry, run, serve, train
 from afina.cli.console import user_errors
 
 app = typer.Typer(help="Fine-tune open language models on your own data and prove they got better.",
@@ -28,3 +30,5 @@ app.command("estimate")(user_errors(estimate.estimate_command))
 app.command("run")(user_errors(run.run_command))
 app.add_typer(registry.models_app, name="models")
 app.add_typer(registry.runs_app, name="runs")
+app.add_typer(registry.audit_app, name="audit")
+app.command("serve")(user_errors(serve.serve_command))

@@ -109,3 +109,37 @@ def runs_show(run_id: str = typer.Argument(..., help="Run id (the run directory'
     console.print(table)
     for e in events:
         console.print(f"{e.created_at:%H:%M:%S} {e.level} {e.kind}: {e.message}")
+
+
+audit_app = typer.Typer(help="The audit trail: who did what, in a hash chain that shows tampering.",
+                        no_args_is_help=True)
+
+
+@audit_app.command("list")
+@user_errors
+def audit_list(run_id: str = typer.Option(None, "--run", help="Only this run's events"),
+               limit: int = typer.Option(50, help="How many, newest last")) -> None:
+    """Events with who acted and what happened."""
+    with _store() as store:
+        events = store.events(run_id)[-limit:]
+    table = Table(title="audit trail")
+    for column in ("id", "time", "actor", "event", "run", "message"):
+        table.add_column(column)
+    for e in events:
+        table.add_row(str(e.id), e.created_at.strftime("%Y-%m-%d %H:%M:%S"), e.actor or "", e.kind, e.run_id or "",
+                      e.message)
+    console.print(table)
+
+
+@audit_app.command("verify")
+@user_errors
+def audit_verify() -> None:
+    """Check the hash chain of every event; exit 1 at the first edited, deleted or reordered one."""
+    with _store() as store:
+        check = store.verify_events()
+    if not check.ok:
+        console.print(f"[red]audit trail broken[/] at event {check.broken_at}: {check.reason} "
+                      f"({check.checked} events before it verified)")
+        raise typer.Exit(1)
+    console.print(f"audit trail intact: {check.checked} events; newest hash {check.last_hash} "
+                  "(keep it elsewhere to detect removed newest events)")

@@ -81,6 +81,19 @@ class Event:
     message: str
     details: dict[str, Any] | None
     created_at: datetime
+    actor: str | None = None  # who acted: the user running afina, or an API key's owner
+    hash: str | None = None  # this event's link in the audit chain
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """The result of verifying the events' audit chain."""
+
+    ok: bool
+    checked: int  # events verified
+    last_hash: str | None  # keep it elsewhere: removing the newest events is only visible against it
+    broken_at: int | None = None  # id of the first event that does not fit the chain
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,15 @@ not database rows.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import json
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from datetime import timezone
 from typing import Any
 
 from alembic.util.exc import CommandError
@@ -27,7 +32,7 @@ import afina
 from afina.errors import AfinaError
 from afina.store.database import (WRITE, create_store_engine, database_url, lock, mask_url, migrate_store, parse_url,
                                   unavailable)
-from afina.store.records import DataFile, Event, Model, Run, RunData, Stage
+from afina.store.records import ChainCheck, DataFile, Event, Model, Run, RunData, Stage
 from afina.store.tables import (DATA_ROLES, EVENT_LEVELS, RUN_STATUSES, STAGE_NAMES, AliasRow, DataFileRow,
                                 EventRow, ModelRow, RunDataRow, RunRow, StageRow, utcnow)
 
@@ -130,6 +135,9 @@ class Store:
             for role, files in (data or {}).items():
                 for file in {f.id: f for f in files}.values():
                     session.add(RunDataRow(run_id=run_id, data_file_id=file.id, role=role))
+            append_event(session, run_id, "run_started", "info", f"run {run_id} started",
+                         {"name": name, "base_model": base_model,
+                          "data": {role: [f.sha256 for f in files] for role, files in (data or {}).items()}})
             return run_record(row)
 
     def set_run_status(self, run_id: str, status: str, *, decision: str | None = None, metric_name: str | None = None,
@@ -239,10 +247,22 @@ class Store:
         """Keep an event, e.g. a notification that could not be delivered (kind notify_failed, level warning)."""
         check_one_of("event level", level, EVENT_LEVELS)
         with self._write() as session:
-            row = EventRow(run_id=run_id, kind=kind, level=level, message=message, details=details)
-            session.add(row)
-            session.flush()
-            return event_record(row)
+            return event_record(append_event(session, run_id, kind, level, message, details))
+
+    def verify_events(self) -> ChainCheck:
+        """Walk the events' audit chain: each event's hash must cover its own content and the previous
+        event's hash. An edited, deleted or reordered event is found, with its id."""
+        previous, checked = GENESIS, 0
+        with self._read() as session:
+            for row in session.scalars(select(EventRow).where(EventRow.hash.is_not(None)).order_by(EventRow.id)):
+                if row.previous_hash != previous:
+                    return ChainCheck(False, checked, previous, row.id,
+                                      "it does not follow the event before it (one was deleted or moved)")
+                if event_hash(row) != row.hash:
+                    return ChainCheck(False, checked, previous, row.id, "its content does not match its hash "
+                                      "(it was edited)")
+                previous, checked = row.hash, checked + 1
+        return ChainCheck(True, checked, previous if checked else None)
 
     def events(self, run_id: str | None = None, *, kind: str | None = None) -> list[Event]:
         """Events in the order they happened: the run's, or every event when `run_id` is None."""
@@ -272,9 +292,8 @@ class Store:
                            artifacts=artifacts, status="registered")
             session.add(row)
             session.flush()
-            session.add(EventRow(run_id=run_id, kind="model_registered", level="info",
-                                 message=f"registered {name}:{row.version}",
-                                 details={"model": f"{name}:{row.version}"}))
+            append_event(session, run_id, "model_registered", "info", f"registered {name}:{row.version}",
+                         {"model": f"{name}:{row.version}"})
             return model_record(row, ())
 
     def promote(self, name: str, alias: str, version: int | None = None) -> Model:
@@ -294,10 +313,8 @@ class Store:
                 session.add(AliasRow(name=name, alias=alias, model_id=row.id))
             else:
                 current.model_id, current.updated_at = row.id, utcnow()
-            session.add(EventRow(run_id=row.run_id, kind="model_promoted", level="info",
-                                 message=f"{name}:{alias} -> version {row.version}",
-                                 details={"model": f"{name}:{row.version}", "alias": alias,
-                                          "previous_version": before}))
+            append_event(session, row.run_id, "model_promoted", "info", f"{name}:{alias} -> version {row.version}",
+                         {"model": f"{name}:{row.version}", "alias": alias, "previous_version": before})
             session.flush()
             return self._model_record(session, row)
 
@@ -312,10 +329,8 @@ class Store:
                 aliases = session.scalars(select(AliasRow).where(AliasRow.model_id == row.id)).all()
                 for alias in aliases:
                     session.delete(alias)
-                session.add(EventRow(run_id=row.run_id, kind="model_deleted", level="info",
-                                     message=f"deleted {row.name}:{row.version}",
-                                     details={"model": f"{row.name}:{row.version}",
-                                              "aliases": [a.alias for a in aliases]}))
+                append_event(session, row.run_id, "model_deleted", "info", f"deleted {row.name}:{row.version}",
+                             {"model": f"{row.name}:{row.version}", "aliases": [a.alias for a in aliases]})
                 session.flush()
             return self._model_record(session, row)
 
@@ -385,7 +400,42 @@ def stage_record(row: StageRow) -> Stage:
 
 def event_record(row: EventRow) -> Event:
     return Event(id=row.id, run_id=row.run_id, kind=row.kind, level=row.level, message=row.message,
-                 details=row.details, created_at=row.created_at)
+                 details=row.details, created_at=row.created_at, actor=row.actor, hash=row.hash)
+
+
+GENESIS = "0" * 64  # the previous hash of the first event
+
+
+def current_actor() -> str:
+    """Who is acting: `AFINA_ACTOR` (set by the service for an API key's owner), else the OS user."""
+    try:
+        return os.environ.get("AFINA_ACTOR") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def event_hash(row: EventRow) -> str:
+    """SHA-256 over an event's content, its id and the previous event's hash (canonical JSON)."""
+    content = [row.id, row.created_at.astimezone(timezone.utc).isoformat(), row.actor, row.run_id, row.kind,
+               row.level, row.message, row.details, row.previous_hash]
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     default=str).encode()).hexdigest()
+
+
+def append_event(session: Session, run_id: str | None, kind: str, level: str, message: str,
+                 details: dict[str, Any] | None) -> EventRow:
+    """Add an event at the end of the audit chain, inside the caller's transaction. The chain's lock
+    is taken last by every writer, so it never deadlocks with the locks taken before it."""
+    lock(session.connection(), "events")
+    previous = session.scalar(select(EventRow.hash).where(EventRow.hash.is_not(None))
+                              .order_by(EventRow.id.desc()).limit(1))
+    row = EventRow(run_id=run_id, kind=kind, level=level, message=message, details=details, actor=current_actor(),
+                   previous_hash=previous or GENESIS, created_at=utcnow())
+    session.add(row)
+    session.flush()  # the id is part of the hash
+    row.hash = event_hash(row)
+    session.flush()
+    return row
 
 
 def model_record(row: ModelRow, aliases: tuple[str, ...]) -> Model:

@@ -138,7 +138,9 @@ class StageRow(Base):
 
 
 class EventRow(Base):
-    """Something worth keeping that is not a state change: a warning, an undelivered notification."""
+    """Something worth keeping: a warning, an undelivered notification, a model registered, promoted or
+    deleted, a run started. Events form a hash chain (`Store.verify_events`): an edited, deleted or
+    reordered event breaks it."""
 
     __tablename__ = "events"
     __table_args__ = (CheckConstraint(one_of("level", EVENT_LEVELS), name="level"),
@@ -151,6 +153,10 @@ class EventRow(Base):
     message: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the audit chain: who, and a hash over this event and the previous event's hash
+    actor: Mapped[str | None] = mapped_column(String(200))
+    previous_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class ModelRow(Base):
