@@ -185,6 +185,8 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Longest generated answer.")
     batch_size: int = Field(16, ge=1, description="Prompts generated at once.")
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test rows.")
+    json_mode: bool = Field(False, description="Constrain generation to a JSON object (for answers that are JSON): "
+                                               "valid JSON is guaranteed, so field accuracy measures content.")
 
 
 class RunConfig(Strict):

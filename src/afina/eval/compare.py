@@ -33,7 +33,8 @@ def evaluate_model(model, tokenizer, records: list[Record], examples: list[Examp
         return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "predictions": [],
                 "references": [], "per_example": per_example}
     references = [r.reference_answer() or "" for r in records]
-    predictions = generate_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size, on_batch)
+    predictions = generate_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size, on_batch,
+                                   config.json_mode)
     scores = score_generations(predictions, references)
     per_example.update(per_example_scores(predictions, references))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, **scores,

@@ -119,7 +119,8 @@ def generation_metrics(model, tokenizer, records: list[Record], config: EvalConf
     answered = [r for r in records if r.reference_answer()]
     if not answered:
         return {}
-    predictions = generate_answers(model, tokenizer, answered, config.max_new_tokens, config.batch_size)
+    predictions = generate_answers(model, tokenizer, answered, config.max_new_tokens, config.batch_size,
+                                   json_mode=config.json_mode)
     references = [r.reference_answer() for r in answered]
     scores = score_generations(predictions, references)
     scores["generated"] = scores.pop("examples")

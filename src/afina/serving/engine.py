@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from afina.serving.json_constraint import JsonObjectLogitsProcessor
+from afina.models.json_constraint import JsonObjectLogitsProcessor
 from afina.serving.loading import LoadedModel, ServedModels
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
