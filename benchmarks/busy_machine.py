@@ -12,6 +12,8 @@ Systems (each trains as in train_speed.py, whose workers this reuses):
   before the wait policy, and what a user gets with `OMP_WAIT_POLICY` set to anything but PASSIVE.
 - `trl_default`: TRL `SFTTrainer` + PEFT at the settings a user would leave alone, under OpenMP's
   default wait, as TRL's users run it.
+- `--try KEY=VALUE[,KEY=VALUE]` (repeatable) adds afina under OpenMP's defaults plus those settings,
+  named by them, e.g. `--try GOMP_SPINCOUNT=10000` (shorter spins instead of none).
 
 Every system runs `--warmup` untimed and `--steps` timed optimizer steps in a fresh process, once
 alone and once with one `yes` process started beside it (alone first in even rounds, busy first in
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--try", dest="tries", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also afina with these environment settings instead of its wait policy")
     parser.add_argument("--out", default="results/busy_machine")
     args = parser.parse_args()
     for key in WAIT_SETTINGS:  # every system starts from OpenMP's defaults; afina's adds its own
@@ -68,6 +72,9 @@ def main() -> None:
     jobs = {name: {**base, **SYSTEMS[name]} for name in args.systems.split(",")}
     if "afina" in jobs:
         jobs["afina"]["env"] = openmp_environment()
+    for settings in args.tries:
+        jobs[f"afina[{settings}]"] = {**base, "system": "afina",
+                                      "env": dict(pair.split("=", 1) for pair in settings.split(","))}
     runs: dict[str, dict[str, list[float]]] = {name: {"alone": [], "busy": []} for name in jobs}
     for round_ in range(args.rounds):
         for name, job in jobs.items():
