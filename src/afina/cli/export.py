@@ -35,7 +35,8 @@ def export_command(
         console.print("[yellow]not verified[/] (--no-verify): the model card says so")
         return
     console.print(f"round trip in {check.runtime}: {check.identical}/{check.answers} answers identical to the tuned "
-                  f"model's ({check.agreement:.0%}), {check.stopped} stopped at the end-of-turn token; "
+                  f"model's ({check.agreement:.0%}{f', {check.near_ties} at a near tie' if check.near_ties else ''}), "
+                  f"{check.stopped} stopped at the end-of-turn token; "
                   f"load {check.load_seconds:.1f}s, {check.tokens_per_second:,.0f} tokens/s")
     if check.first_difference:
         console.print(f"first difference: {check.first_difference}", markup=False)

@@ -30,7 +30,8 @@ def render_card(source: ExportSource, export_format: str, quant: str | None, che
     if check is not None:
         lines += ["## Round trip", "",
                   f"Loaded in {check['runtime']}, {check['answers']} test prompts answered greedily: "
-                  f"{check['identical']} identical to the tuned model's answers in afina "
+                  f"{check['identical']} identical to the tuned model's answers in afina"
+                  + (f" ({check['near_ties']} departing only at a near tie)" if check.get("near_ties") else "") + " "
                   f"(agreement {check['agreement']:.0%}).", ""]
     return "\n".join(lines) + "\n"
 

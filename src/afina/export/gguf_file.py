@@ -266,8 +266,10 @@ def check_gguf_file(path: Path, reference: list[Answer], conversations: list[lis
     start = time.perf_counter()
     try:
         with quiet_native_stderr():
+            # the KV cache in f32 (llama.cpp keeps it in f16 unless told): the check measures the file
             llm = llama_cpp.Llama(str(path), n_ctx=context_size(reference, max_new_tokens), verbose=False,
-                                  n_threads=max(1, min(8, os.cpu_count() or 1)), seed=0)
+                                  n_threads=max(1, min(8, os.cpu_count() or 1)), seed=0,
+                                  type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     except (ValueError, RuntimeError) as exc:
         raise AfinaError("artifact_invalid", f"llama.cpp cannot load the GGUF: {exc}", location=str(path),
                          hint="export it again") from None
