@@ -10,9 +10,10 @@ use `Store`'s methods and get frozen records back (`afina.store.records`); the t
 (`afina.store.tables`) stay inside this package.
 """
 
-from afina.store.records import DataFile, Event, Model, Run, RunData, Stage
+from afina.store.records import ApiKey, DataFile, Event, Job, JobEvent, Model, Run, RunData, Stage, StoredFile
 from afina.store.store import Store, open_store
-from afina.store.tables import DATA_ROLES, EVENT_LEVELS, MODEL_STATUSES, RUN_STATUSES, STAGE_NAMES, STAGE_STATUSES
+from afina.store.tables import DATA_ROLES, EVENT_LEVELS, JOB_STATUSES, MODEL_STATUSES, RUN_STATUSES, STAGE_NAMES, STAGE_STATUSES
 
-__all__ = ["DATA_ROLES", "EVENT_LEVELS", "MODEL_STATUSES", "RUN_STATUSES", "STAGE_NAMES", "STAGE_STATUSES", "DataFile",
-           "Event", "Model", "Run", "RunData", "Stage", "Store", "open_store"]
+__all__ = ["DATA_ROLES", "EVENT_LEVELS", "JOB_STATUSES", "MODEL_STATUSES", "RUN_STATUSES", "STAGE_NAMES",
+           "STAGE_STATUSES", "ApiKey", "DataFile", "Event", "Job", "JobEvent", "Model", "Run", "RunData", "Stage",
+           "Store", "StoredFile", "open_store"]

@@ -120,3 +120,70 @@ class Model:
     def ref(self) -> str:
         """`name:version`, the reference `Store.get_model` reads back."""
         return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file uploaded to the jobs service."""
+
+    id: str  # file-...
+    purpose: str  # fine-tune
+    filename: str  # as uploaded
+    bytes: int
+    sha256: str
+    path: str  # where its bytes live (content-addressed in the afina home)
+    report: dict[str, Any] | None  # the validation report made at upload
+    created_at: datetime
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """A fine-tuning job of the jobs service."""
+
+    id: str  # ftjob-...
+    model: str  # the base model, as the client named it
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict[str, Any]  # n_epochs, learning_rate_multiplier, batch_size: numbers or "auto"
+    suffix: str | None
+    seed: int | None
+    metadata: dict[str, Any] | None
+    afina_config: dict[str, Any]  # the run config the client sent (the `afina` extension field), else {}
+    status: str  # validating_files, queued, running, succeeded, failed or cancelled
+    error: dict[str, Any] | None  # {code, message, param} of a failed job
+    fine_tuned_model: str | None  # ft:BASE:SUFFIX:ID once succeeded
+    result: dict[str, Any] | None  # the run's outcome: gate decision, registered model
+    run_id: str | None  # the afina run doing the work, once it exists
+    worker: str | None  # who holds (or last held) the job
+    lease_until: datetime | None
+    attempts: int  # how many times a worker claimed it
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One line of a job's progress."""
+
+    id: int  # increases with time
+    job_id: str
+    level: str  # debug, info, warning or error
+    message: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key's record; the key itself is shown once at creation and never kept."""
+
+    id: int
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+    expires_at: datetime | None

@@ -32,6 +32,7 @@ import afina
 from afina.errors import AfinaError
 from afina.store.database import (WRITE, create_store_engine, database_url, lock, mask_url, migrate_store, parse_url,
                                   unavailable)
+from afina.store.jobs import JobRecords
 from afina.store.records import ChainCheck, DataFile, Event, Model, Run, RunData, Stage
 from afina.store.tables import (DATA_ROLES, EVENT_LEVELS, RUN_STATUSES, STAGE_NAMES, AliasRow, DataFileRow,
                                 EventRow, ModelRow, RunDataRow, RunRow, StageRow, utcnow)
@@ -59,8 +60,9 @@ def open_store(url: str | None = None) -> Store:
     return Store(engine)
 
 
-class Store:
-    """afina's records: data files, runs and their stages, events, model versions and aliases.
+class Store(JobRecords):
+    """afina's records: data files, runs and their stages, events, model versions and aliases; the
+    jobs service's files, jobs, job events and API keys (`afina.store.jobs`).
 
     Safe to share between threads; several processes may open the same store at once. Open it with
     `open_store`; close it (or use it as a context manager) to release its connections.

@@ -23,6 +23,8 @@ STAGE_STATUSES = ("running", "succeeded", "failed", "skipped")
 DATA_ROLES = ("train", "validation", "test", "general")
 EVENT_LEVELS = ("debug", "info", "warning", "error")
 MODEL_STATUSES = ("registered", "deleted")
+FILE_PURPOSES = ("fine-tune",)
+JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 
 
 def utcnow() -> datetime:
@@ -191,3 +193,79 @@ class AliasRow(Base):
     alias: Mapped[str] = mapped_column(String(64), primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FileRow(Base):
+    """An uploaded data file. Its bytes live content-addressed in the afina home (`files/SHA256.EXT`);
+    deleting it marks this row deleted."""
+
+    __tablename__ = "files"
+    __table_args__ = (CheckConstraint(one_of("purpose", FILE_PURPOSES), name="purpose"),
+                      Index(None, "created_at"))
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(Text)
+    bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    report: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted: Mapped[bool] = mapped_column(default=False)
+
+
+class JobRow(Base):
+    """A fine-tuning job submitted over the jobs API, and the queue's bookkeeping: which worker holds
+    it and until when (`lease_until`); a lease that expires lets another worker take the job over."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (CheckConstraint(one_of("status", JOB_STATUSES), name="status"),
+                      Index(None, "status", "created_at"), Index(None, "created_at"))
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(Text)
+    training_file: Mapped[str] = mapped_column(ForeignKey("files.id"))
+    validation_file: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
+    hyperparameters: Mapped[dict[str, Any]]
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int | None] = mapped_column(Integer)
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONValue)
+    afina_config: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(32))
+    error: Mapped[dict[str, Any] | None]
+    fine_tuned_model: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None]  # the run's outcome: gate decision, registered model
+    run_id: Mapped[str | None] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class JobEventRow(Base):
+    """What a job's worker reported: stages started and finished, failures, cancellation."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (CheckConstraint(one_of("level", EVENT_LEVELS), name="level"),
+                      Index(None, "job_id", "id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    level: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKeyRow(Base):
+    """An API key of the jobs service: only the key's SHA-256 is kept, never the key."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
