@@ -1,0 +1,350 @@
+"""The OpenAI-compatible fine-tuning API: /v1/files and /v1/fine_tuning/jobs, behind API keys.
+
+    app = create_jobs_app(open_store(), JobsSettings(workers=1))    # `afina server`
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="afn-...")   # `afina keys create`
+    file = client.files.create(file=open("tickets.jsonl", "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="default", training_file=file.id)
+
+Every route but /health needs `Authorization: Bearer KEY` (401). Files are validated as they
+arrive (400 with afina's validation code; 413 past the size limit); a job is checked whole before it
+is queued (400 naming the `param`). Unknown ids are 404. Errors have OpenAI's shape, and none leaves
+a row or a file behind. The `afina` field of a job is afina's extension: a whole run config in, the
+run, its gate decision and the registered model out.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from afina.errors import AfinaError
+from afina.jobs.files import delete_stored_bytes, save_upload
+from afina.jobs.keys import hash_api_key
+from afina.jobs.run_config import check_hyperparameters, check_method, check_suffix, job_config
+from afina.service.schemas import ApiError
+from afina.store import ApiKey, Job, JobEvent, Store, StoredFile
+
+NOT_FOUND_CODES = ("file_not_found", "job_not_found")
+HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
+@dataclass(frozen=True)
+class JobsSettings:
+    """Limits and local workers of the jobs service."""
+
+    max_upload_bytes: int = 256 * 2**20  # larger uploads get 413
+    workers: int = 0  # worker threads in the server process; 0: workers run elsewhere (`afina worker`)
+    lease_seconds: float = 60.0
+    poll_seconds: float = 2.0
+
+
+def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_job=None) -> FastAPI:
+    """The jobs API on `store`, with `settings.workers` local workers (running `run_job`, by default
+    afina's workflow) started and stopped with the app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from afina.jobs.worker import run_workflow_job, start_worker_threads
+
+        stop = threading.Event()
+        threads = start_worker_threads(store, settings.workers, stop, run_job=run_job or run_workflow_job,
+                                       lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds)
+        yield
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=1)  # a job still running keeps its lease until it expires; another worker resumes it
+
+    app = FastAPI(title="afina jobs", lifespan=lifespan)
+    app.state.store, app.state.settings = store, settings
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(AfinaError)
+    async def afina_error(request: Request, error: AfinaError) -> JSONResponse:
+        api = api_error_of(error)
+        return JSONResponse(api.body(), status_code=api.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        body = ApiError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None)
+        return JSONResponse(body.body(), status_code=error.status_code)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    app.include_router(router)
+    return app
+
+
+def api_error_of(error: AfinaError) -> ApiError:
+    """An AfinaError as the API answers it: 404 for an unknown id, 413 for too large, else 400."""
+    status = 404 if error.code in NOT_FOUND_CODES else 413 if error.code == "file_too_large" else 400
+    message = error.message + (f" ({error.hint})" if error.hint else "")
+    param = error.location if status == 400 else None
+    return ApiError(status, message, param=param, code=error.code)
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def require_key(request: Request, store: Annotated[Store, Depends(get_store)]) -> ApiKey:
+    """The caller's API key, from `Authorization: Bearer KEY`; 401 without a live one."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    found = store.find_api_key(hash_api_key(key.strip())) if scheme.lower() == "bearer" and key.strip() else None
+    if found is None:
+        raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY (`afina keys create NAME`)",
+                       type="invalid_request_error", code="invalid_api_key")
+    return found
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+StoreDep = Annotated[Store, Depends(get_store)]
+
+
+# files
+
+@router.post("/files")
+async def upload_file(request: Request, store: StoreDep) -> dict:
+    settings: JobsSettings = request.app.state.settings
+    form = await read_multipart(request, settings.max_upload_bytes)
+    if form.get("purpose", (None, b""))[1].decode() != "fine-tune":
+        raise ApiError(400, "purpose must be fine-tune", param="purpose", code="invalid_purpose")
+    if "file" not in form or form["file"][0] is None:
+        raise ApiError(400, "a file is required (multipart field `file`)", param="file", code="missing_file")
+    filename, content = form["file"]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(content), 2**20):
+            yield content[start:start + 2**20]
+
+    stored = await save_upload(store, chunks(), filename=Path(filename).name, purpose="fine-tune",
+                               max_bytes=settings.max_upload_bytes)
+    return file_object(stored)
+
+
+@router.get("/files")
+def list_files(store: StoreDep, purpose: str | None = None) -> dict:
+    return {"object": "list", "data": [file_object(f) for f in store.list_files(purpose)], "has_more": False}
+
+
+@router.get("/files/{file_id}")
+def get_file(file_id: str, store: StoreDep) -> dict:
+    return file_object(store.get_file(file_id))
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, store: StoreDep) -> dict:
+    stored, still_needed = store.delete_file(file_id)
+    if not still_needed:
+        delete_stored_bytes(stored.path)
+    return {"id": stored.id, "object": "file", "deleted": True}
+
+
+@router.get("/files/{file_id}/content")
+def file_content(file_id: str, store: StoreDep) -> Response:
+    stored = store.get_file(file_id)
+    return Response(Path(stored.path).read_bytes(), media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{stored.filename}"'})
+
+
+# jobs
+
+@router.post("/fine_tuning/jobs")
+async def create_job(request: Request, store: StoreDep) -> dict:
+    body = await read_json(request)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required: a base model (a Hugging Face id, a local directory, or default)",
+                       param="model", code="invalid_model")
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise ApiError(400, f"no model directory {model!r} on the server", param="model", code="model_not_found")
+    files = {}
+    for param in ("training_file", "validation_file"):
+        file_id = body.get(param)
+        if file_id is None and param == "validation_file":
+            continue
+        if not isinstance(file_id, str):
+            raise ApiError(400, f"{param} must be a file id", param=param, code="invalid_file")
+        try:
+            files[param] = store.get_file(file_id)
+        except AfinaError:
+            raise ApiError(400, f"no file {file_id!r}", param=param, code="file_not_found") from None
+    hyperparameters = check_hyperparameters(body.get("hyperparameters"))
+    method = check_method(body.get("method"))
+    afina = body.get("afina") or {}
+    if not isinstance(afina, dict):
+        raise ApiError(400, "afina must be a run config (an object)", param="afina", code="invalid_config")
+    if method is not None:
+        hyperparameters |= method[method["type"]]["hyperparameters"]
+        if method["type"] == "dpo":
+            afina = {**afina, "objective": {**(afina.get("objective") or {}), "name": "dpo"}}
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ApiError(400, "seed must be an integer", param="seed", code="invalid_seed")
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise ApiError(400, "metadata must be at most 16 string values", param="metadata", code="invalid_metadata")
+    suffix = check_suffix(body.get("suffix"))
+    validation = files.get("validation_file")
+    job_config(model=model, training_path=files["training_file"].path,  # the whole run config, checked now
+               validation_path=validation.path if validation else None, hyperparameters=hyperparameters,
+               suffix=suffix, seed=seed, afina=afina)
+    job = store.create_job(model=model, training_file=files["training_file"].id,
+                           validation_file=validation.id if validation else None, hyperparameters=hyperparameters,
+                           suffix=suffix, seed=seed, metadata=metadata, afina_config=afina)
+    return job_object(job)
+
+
+@router.get("/fine_tuning/jobs")
+def list_jobs(store: StoreDep, after: str | None = None, limit: int = 20) -> dict:
+    if not 1 <= limit <= 100:
+        raise ApiError(400, "limit must be 1 to 100", param="limit")
+    jobs, more = store.list_jobs(after=after, limit=limit)
+    return {"object": "list", "data": [job_object(job) for job in jobs], "has_more": more}
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def get_job(job_id: str, store: StoreDep) -> dict:
+    return job_object(store.get_job(job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, store: StoreDep) -> dict:
+    return job_object(store.cancel_job(job_id))
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def job_events(job_id: str, store: StoreDep, after: str | None = None, limit: int = 20) -> dict:
+    cursor = None
+    if after is not None:
+        try:
+            cursor = int(after.removeprefix("ftevent-"))
+        except ValueError:
+            raise ApiError(400, "after must be an event id", param="after") from None
+    events = store.job_events(job_id, after=cursor, limit=limit + 1, newest_first=True)
+    return {"object": "list", "data": [event_object(e) for e in events[:limit]], "has_more": len(events) > limit}
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def job_checkpoints(job_id: str, store: StoreDep, after: str | None = None, limit: int = 10) -> dict:
+    job = store.get_job(job_id)
+    checkpoints = checkpoint_objects(job, store)
+    if after is not None:
+        ids = [c["id"] for c in checkpoints]
+        checkpoints = checkpoints[ids.index(after) + 1:] if after in ids else []
+    return {"object": "list", "data": checkpoints[:limit], "has_more": len(checkpoints) > limit,
+            "first_id": checkpoints[0]["id"] if checkpoints else None,
+            "last_id": checkpoints[min(limit, len(checkpoints)) - 1]["id"] if checkpoints else None}
+
+
+# request bodies
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (before it is all read)."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise ApiError(413, f"the request is larger than {limit} bytes", code="file_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request is larger than {limit} bytes", code="file_too_large")
+    return bytes(body)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    import json
+
+    raw = await read_body(request, 4 * 2**20)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def read_multipart(request: Request, max_file_bytes: int) -> dict[str, tuple[str | None, bytes]]:
+    """A multipart/form-data body as field -> (filename or None, bytes)."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(400, "upload files as multipart/form-data", param="file", code="invalid_content_type")
+    raw = await read_body(request, max_file_bytes + 64 * 2**10)  # room for the form's other fields
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    if not message.is_multipart():
+        raise ApiError(400, "not a multipart/form-data body", param="file", code="invalid_content_type")
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
+# response objects
+
+
+def timestamp(value) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def file_object(stored: StoredFile) -> dict:
+    return {"id": stored.id, "object": "file", "bytes": stored.bytes, "created_at": timestamp(stored.created_at),
+            "filename": stored.filename, "purpose": stored.purpose, "status": "processed", "status_details": None}
+
+
+def job_object(job: Job) -> dict:
+    hyperparameters = {name: job.hyperparameters.get(name, "auto") for name in HYPERPARAMETER_NAMES}
+    method_type = "dpo" if (job.afina_config.get("objective") or {}).get("name") == "dpo" else "supervised"
+    return {
+        "id": job.id, "object": "fine_tuning.job", "created_at": timestamp(job.created_at), "error": job.error,
+        "fine_tuned_model": job.fine_tuned_model, "finished_at": timestamp(job.finished_at),
+        "hyperparameters": hyperparameters, "model": job.model, "organization_id": "afina", "result_files": [],
+        "seed": job.seed if job.seed is not None else 0, "status": job.status, "trained_tokens": None,
+        "training_file": job.training_file, "validation_file": job.validation_file, "integrations": [],
+        "estimated_finish": None, "metadata": job.metadata, "user_provided_suffix": job.suffix,
+        "method": {"type": method_type, method_type: {"hyperparameters": hyperparameters}},
+        "afina": {"run_id": job.run_id, "worker": job.worker, "attempts": job.attempts, **(job.result or {})},
+    }
+
+
+def event_object(event: JobEvent) -> dict:
+    return {"id": f"ftevent-{event.id}", "object": "fine_tuning.job.event", "created_at": timestamp(event.created_at),
+            "level": event.level, "message": event.message, "type": "message", "data": {}}
+
+
+def checkpoint_objects(job: Job, store: Store) -> list[dict]:
+    """The run's checkpoints on disk, newest first."""
+    from afina.training.checkpoints import list_checkpoints
+
+    if job.run_id is None:
+        return []
+    checkpoints_dir = Path(store.get_run(job.run_id).run_dir) / "checkpoints"
+    found = list_checkpoints(checkpoints_dir) if checkpoints_dir.is_dir() else []
+    objects = []
+    for path in reversed(found):
+        step = int(path.name.removeprefix("step-"))
+        objects.append({"id": f"ftckpt-{job.id.removeprefix('ftjob-')}-{step}", "object": "fine_tuning.job.checkpoint",
+                        "created_at": int(path.stat().st_mtime), "fine_tuning_job_id": job.id, "step_number": step,
+                        "fine_tuned_model_checkpoint": f"{job.fine_tuned_model or job.model}:ckpt-step-{step}",
+                        "metrics": {}})
+    return objects
