@@ -115,7 +115,7 @@ def test_a_bad_file_is_refused_at_upload_with_its_code(client, server):
 
 
 def test_bad_requests_get_openai_errors_and_leave_nothing(client, server, tiny_model_dir, ticket_rows):
-    url, key, store = server
+    url = server[0]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="afn-wrong", max_retries=0).files.list()
     no_key = httpx.get(f"{url}/v1/fine_tuning/jobs")

@@ -179,7 +179,7 @@ class Worker:
         except AfinaError as error:
             outcome = JobOutcome("failed", error={"code": error.code, "message": error.message,
                                                   "param": error.location})
-        except Exception as error:  # the job fails, the worker goes on with the next
+        except Exception as error:  # noqa: BLE001 - a bug in one job fails that job; the worker goes on
             outcome = JobOutcome("failed", error={"code": "internal_error", "param": None,
                                                   "message": f"{type(error).__name__}: {error}"})
         self.store.finish_job(job.id, self.name, outcome.status, error=outcome.error,

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from afina.errors import AfinaError
 from afina.store.records import ApiKey, Job, JobEvent, StoredFile
-from afina.store.tables import (EVENT_LEVELS, FILE_PURPOSES, ApiKeyRow, FileRow, JobEventRow, JobRow, utcnow)
+from afina.store.tables import EVENT_LEVELS, FILE_PURPOSES, ApiKeyRow, FileRow, JobEventRow, JobRow, utcnow
 
 FINISHED_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 
