@@ -23,7 +23,7 @@ from afina.store import DataFile, open_store
 from afina.store.database import alembic_config, parse_url
 from afina.store.tables import Base
 
-TABLES = {"data_files", "runs", "run_data", "stages", "events", "models", "aliases"}
+TABLES = {"data_files", "runs", "run_data", "stages", "events", "models", "aliases", "files", "jobs", "job_events", "api_keys"}
 
 
 def new_run(store, run_id="tickets-1", **fields):

@@ -10,13 +10,16 @@
     afina models list | runs list       # the registry and the record of attempts
     afina serve demo:production         # an OpenAI-compatible server for the base and tuned models
     afina audit verify                  # the audit trail's hash chain
+    afina server --workers 1            # the OpenAI-compatible fine-tuning API (files, jobs) with a local worker
+    afina worker                        # run queued fine-tuning jobs; start one per GPU machine
+    afina keys create NAME | list | revoke NAME   # API keys of the fine-tuning API
 """
 
 from __future__ import annotations
 
 import typer
 
-from afina.cli import data, demo, estimate, eval, merge, registry, run, serve, train
+from afina.cli import data, demo, estimate, eval, keys, merge, registry, run, serve, server, train
 from afina.cli.console import user_errors
 
 app = typer.Typer(help="Fine-tune open language models on your own data and prove they got better.",
@@ -32,3 +35,6 @@ app.add_typer(registry.models_app, name="models")
 app.add_typer(registry.runs_app, name="runs")
 app.add_typer(registry.audit_app, name="audit")
 app.command("serve")(user_errors(serve.serve_command))
+app.add_typer(keys.keys_app, name="keys")
+app.command("server")(user_errors(server.server_command))
+app.command("worker")(user_errors(server.worker_command))
