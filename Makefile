@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
+# llama.cpp (llama-cpp-python, a dev dependency for the GGUF round trip) is built from source; a build
+# for the exact CPU it is built on can crash on CPUs with AMX, so it is built for AVX2, which runs anywhere
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +17,7 @@ $(VENV)/installed: pyproject.toml
 	touch $@
 
 $(VENV)/dev-installed: $(VENV)/installed
-	$(PIP) install -q -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e '.[dev]'
 	touch $@
 
 .PHONY: demo test
