@@ -14,6 +14,7 @@ from afina.training.allocator import WAIT_SETTINGS, openmp_environment
 # thread sleeps after a parallel region is what spinning threads cost a busy machine
 SLEEPING = """
 import os, sys, time
+from afina.training import allocator
 allocator.installed_allocator = lambda: None  # no restart: the environment alone is under test
 assert "torch" not in sys.modules
 allocator.run_under_allocator()
