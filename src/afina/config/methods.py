@@ -33,6 +33,10 @@ class MethodConfig(Strict):
     method acts at each example's own positions (LoReFT's prompt positions, virtual tokens)."""
     merges: ClassVar[bool] = True
     """Whether the trained update can be folded into the base weights (`afina merge`)."""
+    usual_learning_rate: ClassVar[float] = 2e-4
+    """The method's usual peak AdamW rate at 8 examples per step (its paper's or PEFT's examples), from
+    which `learning_rate: auto` starts (`afina.training.auto`): adapters beside a frozen base take far
+    larger rates than the base weights themselves."""
 
     gradient_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in the backward pass: less memory, ~30% slower.")
@@ -80,6 +84,7 @@ class FullMethod(MethodConfig):
 
     name: Literal["full"] = "full"
     kind: ClassVar = "weights"
+    usual_learning_rate: ClassVar = 2e-5
 
 
 class FreezeMethod(MethodConfig):
@@ -87,6 +92,7 @@ class FreezeMethod(MethodConfig):
 
     name: Literal["freeze"] = "freeze"
     kind: ClassVar = "weights"
+    usual_learning_rate: ClassVar = 5e-5
     train_last_layers: int = Field(2, ge=0, description="Train the last N decoder layers (0: none).")
     train_modules: list[str] = Field(
         default_factory=list,
@@ -116,6 +122,7 @@ class RsloraMethod(FrozenBaseConfig, LoraFields):
     """rsLoRA (Kalajdzievski 2023): LoRA scaled by alpha / sqrt(r), which keeps high ranks learning."""
 
     name: Literal["rslora"] = "rslora"
+    usual_learning_rate: ClassVar = 1e-4  # scaled by alpha / sqrt(r): sqrt(r) times LoRA's update at one rate
 
 
 class QloraMethod(MethodConfig, LoraFields):
@@ -140,6 +147,7 @@ class Ia3Method(FrozenBaseConfig):
     """IA3 (Liu et al. 2022): trained vectors that rescale keys, values and feed-forward activations."""
 
     name: Literal["ia3"] = "ia3"
+    usual_learning_rate: ClassVar = 3e-3
     target_modules: list[str] | None = Field(
         None, description="Modules to rescale; default: PEFT's choice for the architecture (k, v, down projections).")
     feedforward_modules: list[str] | None = Field(
@@ -160,6 +168,7 @@ class PrefixMethod(FrozenBaseConfig):
 
     name: Literal["prefix"] = "prefix"
     shares_prefixes: ClassVar = False
+    usual_learning_rate: ClassVar = 5e-3
     merges: ClassVar = False
     num_virtual_tokens: int = Field(20, ge=1, description="Trained key/value positions per layer.")
     projection: bool = Field(False, description="Produce the prefix through a trained MLP (steadier training).")
@@ -180,6 +189,7 @@ class PromptMethod(FrozenBaseConfig):
 
     name: Literal["prompt"] = "prompt"
     shares_prefixes: ClassVar = False
+    usual_learning_rate: ClassVar = 3e-2
     merges: ClassVar = False
     num_virtual_tokens: int = Field(20, ge=1, description="Trained embeddings put before each example.")
     init: Literal["sample_vocab", "random", "text"] = Field(
@@ -198,6 +208,7 @@ class LoreftMethod(FrozenBaseConfig):
 
     name: Literal["loreft"] = "loreft"
     kind: ClassVar = "module"
+    usual_learning_rate: ClassVar = 1e-3
     shares_prefixes: ClassVar = False
     merges: ClassVar = False
     r: int = Field(4, ge=1, description="Rank of the intervened subspace (rows of R).")
@@ -221,6 +232,7 @@ class AdapterMethod(FrozenBaseConfig):
 
     name: Literal["adapter"] = "adapter"
     kind: ClassVar = "module"
+    usual_learning_rate: ClassVar = 5e-4
     merges: ClassVar = False
     bottleneck: int = Field(64, ge=1, description="Width of the down-projection.")
     activation: Literal["relu", "gelu", "silu"] = Field("relu", description="Nonlinearity between the projections.")

@@ -27,9 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from afina.config.methods import (AdapterMethod, DoraMethod, FreezeMethod, FullMethod, Ia3Method, LoraMethod,
-                                  LoreftMethod, MethodConfig, PrefixMethod, PromptMethod, QloraMethod,
-                                  RsloraMethod)
+from afina.config.methods import MethodConfig
 from afina.config.schema import TrainingConfig
 from afina.data.packing import pack_examples
 from afina.data.tokenize import Example
@@ -42,16 +40,6 @@ STEP_SHARE = 0.002  # examples per step, as a share of the training examples
 MIN_EXAMPLES_PER_STEP, MAX_EXAMPLES_PER_STEP = 8, 256
 REFERENCE_EXAMPLES_PER_STEP = 8  # the step the methods' usual rates below are given for
 MAX_RATE_FACTOR = 5
-
-# The usual peak AdamW rate of each method (its paper's or PEFT's examples); adapters beside a frozen
-# base take far larger rates than the base weights themselves.
-METHOD_LEARNING_RATE: dict[type[MethodConfig], float] = {
-    FullMethod: 2e-5, FreezeMethod: 5e-5,
-    LoraMethod: 2e-4, DoraMethod: 2e-4, QloraMethod: 2e-4,
-    RsloraMethod: 1e-4,  # scaled by alpha / sqrt(r): sqrt(r) times LoRA's update at the same rate
-    Ia3Method: 3e-3, PrefixMethod: 5e-3, PromptMethod: 3e-2, LoreftMethod: 1e-3, AdapterMethod: 5e-4,
-}
-
 
 def count_items(examples: Sequence, method: MethodConfig, training: TrainingConfig) -> int:
     """How many items an epoch of `examples` is cut into: packed rows of tokenized examples, as the
@@ -102,22 +90,13 @@ def choose_hyperparameters(examples: Sequence, method: MethodConfig,
             reasons["epochs"] += f"; training.max_steps={training.max_steps} stops the run first if smaller"
 
     if "learning_rate" in auto:
-        usual = usual_learning_rate(method)
+        usual = method.usual_learning_rate
         factor = min(MAX_RATE_FACTOR, max(1.0, math.sqrt(examples_per_step / REFERENCE_EXAMPLES_PER_STEP)))
         rate = float(f"{usual * factor:.2g}")
         values["learning_rate"] = rate
         reasons["learning_rate"] = (f"{method.name}'s usual {usual:g} at {REFERENCE_EXAMPLES_PER_STEP} examples per step, "
                                     f"x{factor:.2f} for {examples_per_step:.0f} per step (at most x{MAX_RATE_FACTOR})")
     return values, reasons
-
-
-def usual_learning_rate(method: MethodConfig) -> float:
-    """The method's usual rate at REFERENCE_EXAMPLES_PER_STEP; a method missing from the table gets
-    LoRA's rate beside a frozen base, full fine-tuning's otherwise."""
-    rate = METHOD_LEARNING_RATE.get(type(method))
-    if rate is None:
-        return METHOD_LEARNING_RATE[LoraMethod if method.freezes_base else FullMethod]
-    return rate
 
 
 def resolve_auto(training: TrainingConfig, examples: Sequence, method: MethodConfig) -> tuple[TrainingConfig, list[str]]:
