@@ -12,10 +12,11 @@ def render_card(source: ExportSource, export_format: str, quant: str | None, che
     """Markdown: base model, method, data hashes, metrics base vs tuned, the gate's decision, the
     afina version and the round trip's result. Without a registry record, what the run directory holds."""
     config, record = source.config, source.record
+    base = f"`{config.model}`" + (" (SmolLM2-135M-Instruct, bundled with afina)" if config.model == "default" else "")
     lines = [f"# {record.ref if record else source.run_dir.name}", "",
-             f"Fine-tuned from `{config.model}` with afina {version}.", "",
+             f"Fine-tuned from {base} with afina {version}.", "",
              "| | |", "| --- | --- |",
-             f"| base model | `{config.model}`" + (f" (weights sha256 `{record.base_sha256[:16]}`)"
+             f"| base model | {base}" + (f" (weights sha256 `{record.base_sha256[:16]}`)"
                                                    if record and record.base_sha256 else "") + " |",
              f"| method | {config.method.name} (merged into the weights) |",
              f"| objective | {config.objective.name} |",
