@@ -6,6 +6,7 @@
     afina train config.yaml key=value   # fine-tune
     afina eval RUN                      # tuned vs base on the run's test split
     afina merge RUN                     # fold the adapter into its base
+    afina export RUN|MODEL --format gguf --quant q8_0   # merged safetensors or GGUF, checked by a round trip
     afina estimate config.yaml          # tokens, steps, peak memory, time and cost before launch
     afina models list | runs list       # the registry and the record of attempts
     afina serve demo:production         # an OpenAI-compatible server for the base and tuned models
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import typer
 
-from afina.cli import data, demo, estimate, eval, keys, merge, registry, run, serve, server, train
+from afina.cli import data, demo, estimate, eval, export, keys, merge, registry, run, serve, server, train
 from afina.cli.console import user_errors
 
 app = typer.Typer(help="Fine-tune open language models on your own data and prove they got better.",
@@ -29,6 +30,7 @@ app.command("train")(user_errors(train.train_command))
 app.command("eval")(user_errors(eval.eval_command))
 app.command("demo")(user_errors(demo.demo_command))
 app.command("merge")(user_errors(merge.merge_command))
+app.command("export")(user_errors(export.export_command))
 app.command("estimate")(user_errors(estimate.estimate_command))
 app.command("run")(user_errors(run.run_command))
 app.add_typer(registry.models_app, name="models")
