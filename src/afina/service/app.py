@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from afina.service.schemas import ApiError, ChatRequest, CompletionRequest, SamplingFields, parse_body
-from afina.serving.engine import Delta, Engine, Finished, GenerationRequest, SamplingParams
+from afina.serving.engine import Delta, Engine, GenerationRequest, SamplingParams
 
 
 @dataclass(frozen=True)
