@@ -6,8 +6,8 @@
 Each level runs C concurrent clients, each sending `--requests` chat requests one after another
 (greedy, the same prompts for both systems):
 
-- `afina`: `afina serve`'s app on uvicorn (loopback), the official `openai` client streaming with
-  usage; time to first token is the first content chunk's arrival.
+- `afina`: `afina serve MODEL` in its own process (loopback), the official `openai` client streaming
+  with usage; time to first token is the first content chunk's arrival.
 - `generate`: the same model's `generate()` serving one request at a time behind a lock, as a plain
   transformers server would; time to first token is when the first token's logits are ready.
 
@@ -22,8 +22,11 @@ import asyncio
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -114,22 +117,27 @@ async def run_afina(url: str, clients: int, requests: int, max_tokens: int) -> d
     return summarize(ttfts, sum(counts), wall)
 
 
-def start_server(model: str, max_batch_size: int):
-    import uvicorn
-
-    from afina.service.app import create_app
-    from afina.serving.engine import Engine
-    from afina.serving.loading import load_served_models, resolve_source
-
-    engine = Engine(load_served_models([resolve_source(model)]), max_batch_size=max_batch_size)
+def start_server(model: str, max_batch_size: int) -> tuple[subprocess.Popen, str]:
+    """`afina serve MODEL` in a process of its own, as users run it (under the afina command's allocator
+    and OpenMP settings, and with no client sharing its interpreter); returns it once /ready."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not engine.ready:
-        time.sleep(0.05)
-    return server, engine, f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-c", "from afina.cli import main; main()", "serve", model,
+                               "--port", str(port), "--max-batch-size", str(max_batch_size),
+                               "--max-concurrent", str(max(64, max_batch_size))],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"afina serve exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=1) as answer:
+                if json.loads(answer.read()).get("ready"):
+                    return server, url
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
 
 
 def main() -> None:
@@ -145,8 +153,8 @@ def main() -> None:
     from afina.pipeline.prepare import quiet_libraries
 
     quiet_libraries()
-    server, engine, url = start_server(args.model, max(args.clients))
-    model, tokenizer = engine.models.get(engine.models.names()[0]).model, load_tokenizer(args.model)
+    server, url = start_server(args.model, max(args.clients))
+    model, tokenizer = load_model(args.model).eval(), load_tokenizer(args.model)
     results = {"model": args.model, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
                "torch_threads": torch.get_num_threads(), "levels": []}
     for clients in args.clients:
@@ -160,7 +168,8 @@ def main() -> None:
               f"p99 {ours['ttft_p99_s']:.3f}s | generate {plain['tokens_per_s']:>7.1f} tok/s  ttft p50 "
               f"{plain['ttft_p50_s']:.3f}s p99 {plain['ttft_p99_s']:.3f}s | throughput x{level['throughput_ratio']}",
               flush=True)
-    server.should_exit = True
+    server.terminate()
+    server.wait()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"results: {args.out}")
