@@ -143,7 +143,7 @@ def test_gguf_export_answers_as_the_tuned_model_in_llama_cpp(lora_run, tmp_path)
     model's top two tokens were 0.0003 logits apart (the random tiny model's near tie)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (dev extra) runs the GGUF round trip")
     from afina.export.export import export_model
-    from afina.export.gguf_file import read_gguf_metadata
+    from afina.models.loading import read_gguf_metadata
 
     exact = export_model(str(lora_run), "gguf", "f32", out=tmp_path / "f32", prompts=4)
     assert (exact.check.answers, exact.check.identical, exact.check.near_ties) == (4, 4, 0)
@@ -186,7 +186,8 @@ def test_a_gguf_without_template_or_with_a_wrong_end_of_turn_token_is_an_export_
 
 
 def test_a_truncated_gguf_is_a_located_error(lora_run, tmp_path):
-    from afina.export.gguf_file import read_gguf_metadata, write_gguf
+    from afina.export.gguf_file import write_gguf
+    from afina.models.loading import read_gguf_metadata
 
     tokenizer, _, _, merged = gguf_reference(lora_run, 1)
     path = write_gguf(merged, tokenizer, tmp_path / "model.gguf", "f16")
@@ -197,3 +198,30 @@ def test_a_truncated_gguf_is_a_located_error(lora_run, tmp_path):
         with pytest.raises(AfinaError) as caught:
             read_gguf_metadata(path)
         assert caught.value.code == "artifact_invalid" and caught.value.location == str(path)
+
+
+def test_an_exported_gguf_loads_back_as_a_model(lora_run, tmp_path, afina_home, ticket_rows):
+    """What afina writes it reads: `model:` takes the GGUF (converted once, cached), computing what the
+    merged model computes; a truncated one is refused with its code before any work."""
+    from typer.testing import CliRunner
+
+    from afina.cli.main import app
+    from afina.export.gguf_file import write_gguf
+
+    tokenizer, _, _, merged = gguf_reference(lora_run, 1)
+    path = write_gguf(merged, tokenizer, tmp_path / "tuned.gguf", "f32")
+    loaded = load_model(str(path))
+    ids = tokenizer("The printer is jammed", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert load_tokenizer(str(path))("The printer is jammed")["input_ids"] == ids[0].tolist()
+    assert len(list((afina_home / "models").iterdir())) == 1  # converted once, then read from the cache
+    load_model(str(path))
+    assert len(list((afina_home / "models").iterdir())) == 1
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ticket_rows))
+    (tmp_path / "run.yaml").write_text(f"model: {truncated}\ndata: {{path: d.jsonl}}\ntraining: {{max_steps: 1}}\n")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 2 and "error[artifact_invalid]" in result.output and "Traceback" not in result.output

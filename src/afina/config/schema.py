@@ -191,7 +191,8 @@ class EvalConfig(Strict):
 
 class RunConfig(Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name, used in the run directory.")
-    model: str = Field("default", description="`default`, a local Hugging Face model directory, or a hub id.")
+    model: str = Field("default", description="`default`, a local Hugging Face model directory, a GGUF file "
+                                                 "(Llama architecture), or a hub id.")
     data: DataConfig = Field(default_factory=DataConfig,
                              description="The data file (or, with `datasets`, the split settings).")
     method: Method = Field(default_factory=LoraMethod, description="What is trained.")

