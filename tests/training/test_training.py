@@ -120,6 +120,29 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_model_
         assert torch.equal(a, b), name
 
 
+def test_a_stop_event_set_in_a_worker_thread_stops_after_that_step_with_a_checkpoint(tiny_model_dir, tiny_tokenizer,
+                                                                                      ticket_rows, tmp_path):
+    import threading
+
+    from afina.training.loop import stop_when
+
+    data = examples(tiny_tokenizer, ticket_rows)
+    cancel = threading.Event()
+    cancel_in_step_5 = ScriptedObjective(token_objective(256), lambda call, batch: cancel.set() if call == 5 else None)
+    results = []
+
+    def work():
+        with stop_when(cancel):
+            results.append(train(lora_model(tiny_model_dir), data, [], config(), tmp_path / "run",
+                                 tiny_tokenizer.pad_token_id, QUIET, objective=cancel_in_step_5))
+
+    thread = threading.Thread(target=work)  # signals cannot reach a thread: the event does
+    thread.start()
+    thread.join()
+    assert results[0].status == "interrupted" and results[0].steps == 5
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 5
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_model_dir, tiny_tokenizer, ticket_rows, tmp_path):
     data = examples(tiny_tokenizer, ticket_rows)
     one_spike = ScriptedObjective(token_objective(256), lambda call, batch: float("nan") if call == 3 else None)

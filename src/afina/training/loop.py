@@ -21,6 +21,8 @@ import math
 import signal
 import threading
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -68,16 +70,39 @@ def total_steps(train: list, config: TrainingConfig, objective=None) -> int:
     return max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
+_stop_event: ContextVar[threading.Event | None] = ContextVar("afina_stop_event", default=None)
+
+
+@contextmanager
+def stop_when(event: threading.Event):
+    """Training started inside this block (in this thread) stops after the optimizer step during which
+    `event` is set, with a checkpoint, as on a signal. A worker thread cancels its job this way:
+    signals reach only the main thread."""
+    token = _stop_event.set(event)
+    try:
+        yield
+    finally:
+        _stop_event.reset(token)
+
+
 class StopRequest:
-    """SIGINT/SIGTERM during training: finish the current optimizer step, checkpoint, stop.
+    """SIGINT/SIGTERM during training (or the event of `stop_when`): finish the current optimizer
+    step, checkpoint, stop.
 
     A spot instance gets a SIGTERM two minutes before it is reclaimed; one step plus a checkpoint
     fits in that. A second signal aborts at once (the last checkpoint still stands).
     """
 
     def __init__(self):
-        self.signal: str | None = None
+        self._signal: str | None = None
         self.previous: dict = {}
+        self.event = _stop_event.get()
+
+    @property
+    def signal(self) -> str | None:
+        if self._signal is None and self.event is not None and self.event.is_set():
+            return "cancel"
+        return self._signal
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -86,9 +111,9 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
+        if self._signal is not None:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        self._signal = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
