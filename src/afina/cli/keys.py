@@ -1,8 +1,10 @@
-"""`afina keys`: API keys of the jobs service (`afina server`)."""
+"""`afina keys`: API keys of the jobs service (`afina server`), and rotation of the master key."""
 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -58,3 +60,16 @@ def revoke_command(name: str = typer.Argument(..., help="The name the keys were 
     with open_store() as store:
         revoked = store.revoke_api_keys(name)
     console.print(f"revoked {len(revoked)} key(s) named {name}", markup=False, highlight=False)
+
+
+@keys_app.command("rotate")
+@user_errors
+def rotate_command(
+    new_key_file: Annotated[Path | None, typer.Option(
+        "--new-key-file", help="File holding the new master key (mode 600); default: the AFINA_NEW_MASTER_KEY variable")
+    ] = None,
+) -> None:
+    """Re-wrap every encrypted file's data key under a new master key (the data is not rewritten)."""
+    from afina.security.rotation import rotate_master_key_command
+
+    console.print(rotate_master_key_command(new_key_file), markup=False, highlight=False, soft_wrap=True)
