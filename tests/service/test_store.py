@@ -23,7 +23,8 @@ from afina.store import DataFile, open_store
 from afina.store.database import alembic_config, parse_url
 from afina.store.tables import Base
 
-TABLES = {"data_files", "runs", "run_data", "stages", "events", "models", "aliases", "files", "jobs", "job_events", "api_keys"}
+TABLES = {"data_files", "runs", "run_data", "stages", "events", "models", "aliases", "files", "jobs", "job_events", "api_keys",
+          "users", "memberships"}
 
 
 def new_run(store, run_id="tickets-1", **fields):

@@ -135,6 +135,7 @@ class StoredFile:
     report: dict[str, Any] | None  # the validation report made at upload
     created_at: datetime
     deleted: bool
+    project: str = "default"  # whose members may read it
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class Job:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    project: str = "default"  # whose members may read and cancel it
 
     @property
     def finished(self) -> bool:
@@ -187,3 +189,21 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None
     expires_at: datetime | None
+    user: str | None = None  # whose key it is; None: made before users existed (admin of the default project)
+
+    def state(self, now: datetime) -> str:
+        """live, expired or revoked."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.expires_at is not None and self.expires_at <= now else "live"
+
+
+@dataclass(frozen=True)
+class User:
+    """Someone who acts on the store, and their role in each project."""
+
+    id: int
+    name: str
+    created_at: datetime
+    removed_at: datetime | None  # removed users keep their record: the audit trail names them
+    roles: dict[str, str]  # project -> admin, engineer or viewer

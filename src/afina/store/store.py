@@ -12,15 +12,11 @@ not database rows.
 
 from __future__ import annotations
 
-import getpass
-import hashlib
-import json
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from datetime import timezone
 from typing import Any
 
 from alembic.util.exc import CommandError
@@ -30,12 +26,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import afina
 from afina.errors import AfinaError
+from afina.security.permissions import DEFAULT_PROJECT, Principal, authorize
+from afina.store.audit import GENESIS, append_event, audit_details, event_hash, event_record, event_resources
 from afina.store.database import (WRITE, create_store_engine, database_url, lock, mask_url, migrate_store, parse_url,
                                   unavailable)
 from afina.store.jobs import JobRecords
 from afina.store.records import ChainCheck, DataFile, Event, Model, Run, RunData, Stage
 from afina.store.tables import (DATA_ROLES, EVENT_LEVELS, RUN_STATUSES, STAGE_NAMES, AliasRow, DataFileRow,
                                 EventRow, ModelRow, RunDataRow, RunRow, StageRow, utcnow)
+from afina.store.users import UserRecords
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 ALIAS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")  # starts with a letter: never mistaken for a version
@@ -60,9 +59,15 @@ def open_store(url: str | None = None) -> Store:
     return Store(engine)
 
 
-class Store(JobRecords):
+class Store(JobRecords, UserRecords):
     """afina's records: data files, runs and their stages, events, model versions and aliases; the
-    jobs service's files, jobs, job events and API keys (`afina.store.jobs`).
+    jobs service's files, jobs, job events and API keys (`afina.store.jobs`); users and their roles
+    (`afina.store.users`).
+
+    The methods that users reach through the API and the CLI take `by`, the `Principal` acting: they
+    check its permission (`afina.security.permissions`) before anything changes, record a refusal in
+    the audit trail, and name it in the audit event of what they change. afina's own steps (a run's
+    stages, a worker's bookkeeping) pass no `by` and act as the process's user.
 
     Safe to share between threads; several processes may open the same store at once. Open it with
     `open_store`; close it (or use it as a context manager) to release its connections.
@@ -96,6 +101,19 @@ class Store(JobRecords):
             for key in keys:
                 lock(session.connection(), key)
             yield session
+
+    def check_permission(self, by: Principal | None, action: str, project: str, resource: str | None = None) -> None:
+        """Check `by`'s permission (none to check for afina's own steps); a refusal is kept in the
+        audit trail, in a transaction of its own, before the AfinaError `permission_denied` is raised."""
+        if by is None:
+            return
+        try:
+            authorize(by, action, project)
+        except AfinaError as denied:
+            with self._write() as session:
+                append_event(session, None, "permission_denied", "warning", denied.message,
+                             audit_details(action, project, resource, "denied"), actor=by.user)
+            raise
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
@@ -162,13 +180,16 @@ class Store(JobRecords):
                     setattr(row, field, value)
             return run_record(row)
 
-    def get_run(self, run_id: str) -> Run:
+    def get_run(self, run_id: str, *, by: Principal | None = None) -> Run:
         """The run `run_id`; AfinaError `run_not_found` if there is none."""
+        self.check_permission(by, "read_results", DEFAULT_PROJECT, run_id)
         with self._read() as session:
             return run_record(self._run_row(session, run_id))
 
-    def list_runs(self, *, status: str | None = None, name: str | None = None, limit: int | None = None) -> list[Run]:
+    def list_runs(self, *, status: str | None = None, name: str | None = None, limit: int | None = None,
+                  by: Principal | None = None) -> list[Run]:
         """Runs, newest first, optionally only those with this status or name."""
+        self.check_permission(by, "read_results", DEFAULT_PROJECT)
         query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id.desc()).limit(limit)
         if status is not None:
             query = query.where(RunRow.status == status)
@@ -251,9 +272,10 @@ class Store(JobRecords):
         with self._write() as session:
             return event_record(append_event(session, run_id, kind, level, message, details))
 
-    def verify_events(self) -> ChainCheck:
+    def verify_events(self, *, by: Principal | None = None) -> ChainCheck:
         """Walk the events' audit chain: each event's hash must cover its own content and the previous
         event's hash. An edited, deleted or reordered event is found, with its id."""
+        self.check_permission(by, "read_audit", DEFAULT_PROJECT)
         previous, checked = GENESIS, 0
         with self._read() as session:
             for row in session.scalars(select(EventRow).where(EventRow.hash.is_not(None)).order_by(EventRow.id)):
@@ -266,15 +288,29 @@ class Store(JobRecords):
                 previous, checked = row.hash, checked + 1
         return ChainCheck(True, checked, previous if checked else None)
 
-    def events(self, run_id: str | None = None, *, kind: str | None = None) -> list[Event]:
-        """Events in the order they happened: the run's, or every event when `run_id` is None."""
+    def events(self, run_id: str | None = None, *, kind: str | None = None, actor: str | None = None,
+               action: str | None = None, resource: str | None = None, since: datetime | None = None,
+               by: Principal | None = None) -> list[Event]:
+        """Events in the order they happened: the run's, or every event when `run_id` is None; only
+        those by `actor`, of `kind`, whose kind or action is `action`, about `resource` (a run, a
+        model NAME or NAME:VERSION, a file, a job, a user, a key), or since a time, when given."""
+        self.check_permission(by, "read_audit", DEFAULT_PROJECT)
         query = select(EventRow).order_by(EventRow.id)
         if run_id is not None:
             query = query.where(EventRow.run_id == run_id)
         if kind is not None:
             query = query.where(EventRow.kind == kind)
+        if actor is not None:
+            query = query.where(EventRow.actor == actor)
+        if since is not None:
+            query = query.where(EventRow.created_at >= since)
         with self._read() as session:
-            return [event_record(row) for row in session.scalars(query)]
+            events = [event_record(row) for row in session.scalars(query)]
+        if action is not None:
+            events = [e for e in events if action in (e.kind, (e.details or {}).get("action"))]
+        if resource is not None:
+            events = [e for e in events if resource in event_resources(e)]
+        return events
 
     # models
 
@@ -298,9 +334,10 @@ class Store(JobRecords):
                          {"model": f"{name}:{row.version}"})
             return model_record(row, ())
 
-    def promote(self, name: str, alias: str, version: int | None = None) -> Model:
+    def promote(self, name: str, alias: str, version: int | None = None, *, by: Principal | None = None) -> Model:
         """Point `name:alias` (e.g. tickets:production) at `version`, by default the newest registered
         one. The alias moves: the version it pointed at before keeps its record, not the alias."""
+        self.check_permission(by, "promote_model", DEFAULT_PROJECT, name)
         if not ALIAS_NAME.fullmatch(alias):
             raise AfinaError("bad_alias", f"{alias!r} is not an alias", location=alias,
                              hint="use letters, digits, '.', '_' and '-', starting with a letter")
@@ -316,14 +353,16 @@ class Store(JobRecords):
             else:
                 current.model_id, current.updated_at = row.id, utcnow()
             append_event(session, row.run_id, "model_promoted", "info", f"{name}:{alias} -> version {row.version}",
-                         {"model": f"{name}:{row.version}", "alias": alias, "previous_version": before})
+                         {"model": f"{name}:{row.version}", "alias": alias, "previous_version": before},
+                         actor=by and by.user)
             session.flush()
             return self._model_record(session, row)
 
-    def delete_model(self, ref: str) -> Model:
+    def delete_model(self, ref: str, *, by: Principal | None = None) -> Model:
         """Mark a model version deleted and drop the aliases pointing at it; its record stays.
         Deleting its files is the caller's job. Deleting a deleted version changes nothing."""
         name = ref.partition(":")[0]
+        self.check_permission(by, "delete_model", DEFAULT_PROJECT, ref)
         with self._write(f"model:{name}") as session:
             row = self._model_row(session, ref)
             if row.status != "deleted":
@@ -332,18 +371,22 @@ class Store(JobRecords):
                 for alias in aliases:
                     session.delete(alias)
                 append_event(session, row.run_id, "model_deleted", "info", f"deleted {row.name}:{row.version}",
-                             {"model": f"{row.name}:{row.version}", "aliases": [a.alias for a in aliases]})
+                             {"model": f"{row.name}:{row.version}", "aliases": [a.alias for a in aliases]},
+                             actor=by and by.user)
                 session.flush()
             return self._model_record(session, row)
 
-    def get_model(self, ref: str) -> Model:
+    def get_model(self, ref: str, *, by: Principal | None = None) -> Model:
         """The model version `ref` names: `name` (its newest registered version), `name:3` or
         `name:production` (an alias). AfinaError `model_not_found` if there is none."""
+        self.check_permission(by, "read_results", DEFAULT_PROJECT, ref)
         with self._read() as session:
             return self._model_record(session, self._model_row(session, ref))
 
-    def list_models(self, name: str | None = None, *, include_deleted: bool = False) -> list[Model]:
+    def list_models(self, name: str | None = None, *, include_deleted: bool = False,
+                    by: Principal | None = None) -> list[Model]:
         """Model versions by name, then version; deleted ones only when asked for."""
+        self.check_permission(by, "read_results", DEFAULT_PROJECT)
         query = select(ModelRow).order_by(ModelRow.name, ModelRow.version)
         if name is not None:
             query = query.where(ModelRow.name == name)
@@ -398,46 +441,6 @@ def run_record(row: RunRow) -> Run:
 def stage_record(row: StageRow) -> Stage:
     return Stage(run_id=row.run_id, name=row.name, status=row.status, started_at=row.started_at,
                  finished_at=row.finished_at, figures=row.figures, message=row.message)
-
-
-def event_record(row: EventRow) -> Event:
-    return Event(id=row.id, run_id=row.run_id, kind=row.kind, level=row.level, message=row.message,
-                 details=row.details, created_at=row.created_at, actor=row.actor, hash=row.hash)
-
-
-GENESIS = "0" * 64  # the previous hash of the first event
-
-
-def current_actor() -> str:
-    """Who is acting: `AFINA_ACTOR` (set by the service for an API key's owner), else the OS user."""
-    try:
-        return os.environ.get("AFINA_ACTOR") or getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def event_hash(row: EventRow) -> str:
-    """SHA-256 over an event's content, its id and the previous event's hash (canonical JSON)."""
-    content = [row.id, row.created_at.astimezone(timezone.utc).isoformat(), row.actor, row.run_id, row.kind,
-               row.level, row.message, row.details, row.previous_hash]
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                                     default=str).encode()).hexdigest()
-
-
-def append_event(session: Session, run_id: str | None, kind: str, level: str, message: str,
-                 details: dict[str, Any] | None) -> EventRow:
-    """Add an event at the end of the audit chain, inside the caller's transaction. The chain's lock
-    is taken last by every writer, so it never deadlocks with the locks taken before it."""
-    lock(session.connection(), "events")
-    previous = session.scalar(select(EventRow.hash).where(EventRow.hash.is_not(None))
-                              .order_by(EventRow.id.desc()).limit(1))
-    row = EventRow(run_id=run_id, kind=kind, level=level, message=message, details=details, actor=current_actor(),
-                   previous_hash=previous or GENESIS, created_at=utcnow())
-    session.add(row)
-    session.flush()  # the id is part of the hash
-    row.hash = event_hash(row)
-    session.flush()
-    return row
 
 
 def model_record(row: ModelRow, aliases: tuple[str, ...]) -> Model:

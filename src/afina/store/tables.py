@@ -17,6 +17,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from afina.security.permissions import DEFAULT_PROJECT, ROLES
+
 RUN_STATUSES = ("pending", "running", "succeeded", "failed", "discarded", "interrupted")
 STAGE_NAMES = ("validate", "split", "train", "evaluate", "gate", "register", "notify")  # in pipeline order
 STAGE_STATUSES = ("running", "succeeded", "failed", "skipped")
@@ -204,6 +206,7 @@ class FileRow(Base):
                       Index(None, "created_at"))
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64), default=DEFAULT_PROJECT)
     purpose: Mapped[str] = mapped_column(String(32))
     filename: Mapped[str] = mapped_column(Text)
     bytes: Mapped[int] = mapped_column(Integer)
@@ -223,6 +226,7 @@ class JobRow(Base):
                       Index(None, "status", "created_at"), Index(None, "created_at"))
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64), default=DEFAULT_PROJECT)
     model: Mapped[str] = mapped_column(Text)
     training_file: Mapped[str] = mapped_column(ForeignKey("files.id"))
     validation_file: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
@@ -258,13 +262,39 @@ class JobEventRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class UserRow(Base):
+    """Someone who acts on the store, through the CLI or their API keys. Removing a user keeps this row
+    (the audit trail names them) and ends their memberships and keys."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    removed_at: Mapped[datetime | None]
+
+
+class MembershipRow(Base):
+    """A user's role in a project: one per (user, project)."""
+
+    __tablename__ = "memberships"
+    __table_args__ = (CheckConstraint(one_of("role", ROLES), name="role"),)
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class ApiKeyRow(Base):
-    """An API key of the jobs service: only the key's SHA-256 is kept, never the key."""
+    """An API key: only the key's SHA-256 is kept, never the key. It acts as its user; a key without
+    one was made before users existed and acts as an admin of the default project."""
 
     __tablename__ = "api_keys"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
