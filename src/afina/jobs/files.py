@@ -19,6 +19,7 @@ from pathlib import Path
 from afina.data.validate import check_file
 from afina.errors import AfinaError
 from afina.paths import afina_home
+from afina.security.permissions import Principal
 from afina.store import Store, StoredFile
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -39,7 +40,7 @@ def data_suffix(filename: str) -> str:
 
 
 async def save_upload(store: Store, chunks: AsyncIterator[bytes], *, filename: str, purpose: str,
-                      max_bytes: int) -> StoredFile:
+                      max_bytes: int, project: str = "default", by: Principal | None = None) -> StoredFile:
     """Stream, check and keep an upload. AfinaError `file_too_large` past `max_bytes`; the first
     validation problem's code for an invalid file; nothing is left behind by either."""
     suffix = data_suffix(filename)
@@ -64,7 +65,7 @@ async def save_upload(store: Store, chunks: AsyncIterator[bytes], *, filename: s
         os.replace(temporary, final)  # the same content is the same bytes: replacing is harmless
         try:
             return store.create_file(purpose=purpose, filename=filename, bytes=size, sha256=digest.hexdigest(),
-                                     path=str(final), report=report)
+                                     path=str(final), report=report, project=project, by=by)
         except BaseException:
             if not existed:
                 final.unlink(missing_ok=True)

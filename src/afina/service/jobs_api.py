@@ -7,7 +7,11 @@
     file = client.files.create(file=open("tickets.jsonl", "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model="default", training_file=file.id)
 
-Every route but /health needs `Authorization: Bearer KEY` (401). Files are validated as they
+Every route but /health needs `Authorization: Bearer KEY` (401 for a missing, unknown, expired or
+revoked key). A key acts as its user, in the project the request names with `OpenAI-Project`
+(the `openai` client's `project=`; default: `default`); the store checks the user's role there for
+each action and answers 403 `permission_denied` otherwise, and a file or job of another project is
+not found (404). Files are validated as they
 arrive (400 with afina's validation code; 413 past the size limit); a job is checked whole before it
 is queued (400 naming the `param`). Unknown ids are 404. Errors have OpenAI's shape, and none leaves
 a row or a file behind. The `afina` field of a job is afina's extension: a whole run config in, the
@@ -33,8 +37,9 @@ from afina.errors import AfinaError
 from afina.jobs.files import delete_stored_bytes, save_upload
 from afina.jobs.keys import hash_api_key
 from afina.jobs.run_config import check_hyperparameters, check_method, check_suffix, job_config
+from afina.security.permissions import DEFAULT_PROJECT, Principal, check_project_name
 from afina.service.schemas import ApiError
-from afina.store import ApiKey, Job, JobEvent, Store, StoredFile
+from afina.store import Job, JobEvent, Store, StoredFile
 
 NOT_FOUND_CODES = ("file_not_found", "job_not_found")
 HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -92,7 +97,10 @@ def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_j
 
 
 def api_error_of(error: AfinaError) -> ApiError:
-    """An AfinaError as the API answers it: 404 for an unknown id, 413 for too large, else 400."""
+    """An AfinaError as the API answers it: 403 for a refused permission, 404 for an unknown id, 413
+    for too large, else 400."""
+    if error.code == "permission_denied":
+        return ApiError(403, error.message, type="permission_error", code=error.code)
     status = 404 if error.code in NOT_FOUND_CODES else 413 if error.code == "file_too_large" else 400
     message = error.message + (f" ({error.hint})" if error.hint else "")
     param = error.location if status == 400 else None
@@ -103,24 +111,37 @@ def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def require_key(request: Request, store: Annotated[Store, Depends(get_store)]) -> ApiKey:
-    """The caller's API key, from `Authorization: Bearer KEY`; 401 without a live one."""
+def require_key(request: Request, store: Annotated[Store, Depends(get_store)]) -> Principal:
+    """Who calls: the user of the live API key in `Authorization: Bearer KEY`; 401 without one. An
+    expired or revoked key gets the same answer as an unknown one."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    found = store.find_api_key(hash_api_key(key.strip())) if scheme.lower() == "bearer" and key.strip() else None
+    found = store.principal_for_key(hash_api_key(key.strip())) if scheme.lower() == "bearer" and key.strip() else None
     if found is None:
         raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY (`afina keys create NAME`)",
                        type="invalid_request_error", code="invalid_api_key")
-    return found
+    return found[1]
+
+
+def request_project(request: Request) -> str:
+    """The project the request acts in: the `OpenAI-Project` header, else the default project."""
+    project = request.headers.get("openai-project") or DEFAULT_PROJECT
+    try:
+        return check_project_name(project)
+    except AfinaError as error:
+        raise ApiError(400, error.message, param="OpenAI-Project", code=error.code) from None
 
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 StoreDep = Annotated[Store, Depends(get_store)]
+Caller = Annotated[Principal, Depends(require_key)]  # computed once per request, with the router's
+Project = Annotated[str, Depends(request_project)]
 
 
 # files
 
 @router.post("/files")
-async def upload_file(request: Request, store: StoreDep) -> dict:
+async def upload_file(request: Request, store: StoreDep, caller: Caller, project: Project) -> dict:
+    store.check_permission(caller, "upload_data", project)  # before reading the body
     settings: JobsSettings = request.app.state.settings
     form = await read_multipart(request, settings.max_upload_bytes)
     if form.get("purpose", (None, b""))[1].decode() != "fine-tune":
@@ -134,31 +155,32 @@ async def upload_file(request: Request, store: StoreDep) -> dict:
             yield content[start:start + 2**20]
 
     stored = await save_upload(store, chunks(), filename=Path(filename).name, purpose="fine-tune",
-                               max_bytes=settings.max_upload_bytes)
+                               max_bytes=settings.max_upload_bytes, project=project, by=caller)
     return file_object(stored)
 
 
 @router.get("/files")
-def list_files(store: StoreDep, purpose: str | None = None) -> dict:
-    return {"object": "list", "data": [file_object(f) for f in store.list_files(purpose)], "has_more": False}
+def list_files(store: StoreDep, caller: Caller, project: Project, purpose: str | None = None) -> dict:
+    files = store.list_files(purpose, project=project, by=caller)
+    return {"object": "list", "data": [file_object(f) for f in files], "has_more": False}
 
 
 @router.get("/files/{file_id}")
-def get_file(file_id: str, store: StoreDep) -> dict:
-    return file_object(store.get_file(file_id))
+def get_file(file_id: str, store: StoreDep, caller: Caller, project: Project) -> dict:
+    return file_object(store.get_file(file_id, project=project, by=caller))
 
 
 @router.delete("/files/{file_id}")
-def delete_file(file_id: str, store: StoreDep) -> dict:
-    stored, still_needed = store.delete_file(file_id)
+def delete_file(file_id: str, store: StoreDep, caller: Caller, project: Project) -> dict:
+    stored, still_needed = store.delete_file(file_id, project=project, by=caller)
     if not still_needed:
         delete_stored_bytes(stored.path)
     return {"id": stored.id, "object": "file", "deleted": True}
 
 
 @router.get("/files/{file_id}/content")
-def file_content(file_id: str, store: StoreDep) -> Response:
-    stored = store.get_file(file_id)
+def file_content(file_id: str, store: StoreDep, caller: Caller, project: Project) -> Response:
+    stored = store.get_file(file_id, project=project, by=caller)
     return Response(Path(stored.path).read_bytes(), media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{stored.filename}"'})
 
@@ -166,7 +188,8 @@ def file_content(file_id: str, store: StoreDep) -> Response:
 # jobs
 
 @router.post("/fine_tuning/jobs")
-async def create_job(request: Request, store: StoreDep) -> dict:
+async def create_job(request: Request, store: StoreDep, caller: Caller, project: Project) -> dict:
+    store.check_permission(caller, "start_job", project)  # before the request is checked
     body = await read_json(request)
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -182,7 +205,7 @@ async def create_job(request: Request, store: StoreDep) -> dict:
         if not isinstance(file_id, str):
             raise ApiError(400, f"{param} must be a file id", param=param, code="invalid_file")
         try:
-            files[param] = store.get_file(file_id)
+            files[param] = store.get_file(file_id, project=project)
         except AfinaError:
             raise ApiError(400, f"no file {file_id!r}", param=param, code="file_not_found") from None
     hyperparameters = check_hyperparameters(body.get("hyperparameters"))
@@ -208,43 +231,46 @@ async def create_job(request: Request, store: StoreDep) -> dict:
                suffix=suffix, seed=seed, afina=afina)
     job = store.create_job(model=model, training_file=files["training_file"].id,
                            validation_file=validation.id if validation else None, hyperparameters=hyperparameters,
-                           suffix=suffix, seed=seed, metadata=metadata, afina_config=afina)
+                           suffix=suffix, seed=seed, metadata=metadata, afina_config=afina, project=project,
+                           by=caller)
     return job_object(job)
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(store: StoreDep, after: str | None = None, limit: int = 20) -> dict:
+def list_jobs(store: StoreDep, caller: Caller, project: Project, after: str | None = None, limit: int = 20) -> dict:
     if not 1 <= limit <= 100:
         raise ApiError(400, "limit must be 1 to 100", param="limit")
-    jobs, more = store.list_jobs(after=after, limit=limit)
+    jobs, more = store.list_jobs(after=after, limit=limit, project=project, by=caller)
     return {"object": "list", "data": [job_object(job) for job in jobs], "has_more": more}
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def get_job(job_id: str, store: StoreDep) -> dict:
-    return job_object(store.get_job(job_id))
+def get_job(job_id: str, store: StoreDep, caller: Caller, project: Project) -> dict:
+    return job_object(store.get_job(job_id, project=project, by=caller))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
-def cancel_job(job_id: str, store: StoreDep) -> dict:
-    return job_object(store.cancel_job(job_id))
+def cancel_job(job_id: str, store: StoreDep, caller: Caller, project: Project) -> dict:
+    return job_object(store.cancel_job(job_id, project=project, by=caller))
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-def job_events(job_id: str, store: StoreDep, after: str | None = None, limit: int = 20) -> dict:
+def job_events(job_id: str, store: StoreDep, caller: Caller, project: Project, after: str | None = None,
+               limit: int = 20) -> dict:
     cursor = None
     if after is not None:
         try:
             cursor = int(after.removeprefix("ftevent-"))
         except ValueError:
             raise ApiError(400, "after must be an event id", param="after") from None
-    events = store.job_events(job_id, after=cursor, limit=limit + 1, newest_first=True)
+    events = store.job_events(job_id, after=cursor, limit=limit + 1, newest_first=True, project=project, by=caller)
     return {"object": "list", "data": [event_object(e) for e in events[:limit]], "has_more": len(events) > limit}
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-def job_checkpoints(job_id: str, store: StoreDep, after: str | None = None, limit: int = 10) -> dict:
-    job = store.get_job(job_id)
+def job_checkpoints(job_id: str, store: StoreDep, caller: Caller, project: Project, after: str | None = None,
+                    limit: int = 10) -> dict:
+    job = store.get_job(job_id, project=project, by=caller)
     checkpoints = checkpoint_objects(job, store)
     if after is not None:
         ids = [c["id"] for c in checkpoints]
