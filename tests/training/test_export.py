@@ -25,6 +25,7 @@ from afina.models.loading import load_model, load_tokenizer
 from afina.models.methods import apply_method
 from afina.pipeline.run_dir import write_records
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The tiny model gains nothing from threads on a busy 2-core machine."""
@@ -39,7 +40,7 @@ def make_run(directory: Path, model_dir: Path, rows: list[dict], method: dict) -
     directory.mkdir(parents=True)
     config = RunConfig.model_validate({"name": "tickets", "model": str(model_dir), "data": {"path": "tickets.jsonl"},
                                        "method": method, "training": {"precision": "fp32"},
-                                       "eval": {"max_new_tokens": 12}})
+                                       "eval": {"max_new_tokens": 12}, "gate": {"metric": "field_accuracy_mean"}})
     (directory / "config.json").write_text(config.model_dump_json(indent=2))
     write_records(directory / "test.jsonl", [normalize_row(row, i + 1)[0] for i, row in enumerate(rows)])
     torch.manual_seed(1)
@@ -70,14 +71,73 @@ def test_safetensors_export_answers_as_the_tuned_model(lora_run, tmp_path):
     tokenizer = load_tokenizer(str(result.directory))
     assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.chat_template
-    assert "lora" in (result.directory / "README.md").read_text()
+    card = (result.directory / "README.md").read_text()
+    assert "lora" in card and "field_accuracy_mean on these prompts" in card and "stops where" in card
+    report = json.loads((result.directory / "export.json").read_text())["round_trip"]
+    assert report["metric"] == "field_accuracy_mean" and report["tuned_metric"] == report["export_metric"]
+    assert report["stops_matched"] == report["stops_expected"]
     assert not any(p.name.startswith(".staging") for p in tmp_path.iterdir())
     exported, base = load_model(str(result.directory)), load_model(json.loads((lora_run / "config.json").read_text())["model"])
     assert not torch.equal(exported.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
+def answer(tokens: tuple, text: str, margins: tuple = ()):
+    from afina.export.roundtrip import Answer
+
+    return Answer("prompt", tokens, text, margins or (5.0,) * len(tokens))
+
+
+def test_the_stop_check_asks_the_export_for_the_token_after_the_tuned_answer():
+    """Where the tuned model ended with eos, the export is given prompt + answer and must choose eos;
+    an answer the tuned model did not end is not asked; a near tie of the tuned model's counts as agreeing."""
+    from afina.export.roundtrip import RoundTrip, check_stop_token
+
+    eos, asked = 9, []
+    reference = [answer((1, 2, eos), "a"), answer((3, 4), "b"), answer((5, eos), "c"),
+                 answer((6, eos), "d", margins=(5.0, 0.001))]
+
+    def export_never_stops(ids):
+        asked.append(ids)
+        return 7
+
+    report = check_stop_token(RoundTrip(), reference, [[100], [101], [102], [103]], export_never_stops, eos)
+    assert asked == [[100, 1, 2], [102, 5], [103, 6]]
+    assert (report.stops_expected, report.stops_matched) == (3, 1) and "token 7" in report.first_stop_difference
+    report = check_stop_token(RoundTrip(), reference, [[100], [101], [102], [103]], lambda ids: eos, eos)
+    assert report.stop_agreement == 1.0
+
+
+def test_the_round_trip_scores_the_runs_metric_for_both_models():
+    from afina.export.roundtrip import RoundTrip, score_task
+
+    gold = ['{"category": "network", "n": 1}', '{"category": "printer", "n": 2}']
+    report = RoundTrip(details=[{"tuned": gold[0], "export": '{"category": "network", "n": 0}'},
+                                {"tuned": '{"category": "email", "n": 2}', "export": "not json"}])
+    score_task(report, gold, "field_accuracy_mean")
+    assert (report.metric, report.tuned_metric, report.export_metric) == ("field_accuracy_mean", 0.75, 0.25)
+    score_task(report, gold, "field:category")
+    assert (report.tuned_metric, report.export_metric) == (0.5, 0.5)
+    score_task(report, gold, "loss")  # not a metric of answers: exact match instead
+    assert (report.metric, report.tuned_metric, report.export_metric) == ("exact_match", 0.5, 0.0)
+
+
+def test_too_few_stops_or_identical_answers_fail_the_export(tmp_path):
+    from afina.export.export import default_min_agreement, require_agreement
+    from afina.export.roundtrip import RoundTrip
+
+    assert default_min_agreement("f16") == 1.0 and default_min_agreement("q8_0") > default_min_agreement("q4_k_m")
+    stops_lost = RoundTrip(answers=4, identical=4, stops_expected=4, stops_matched=2, first_stop_difference="x")
+    with pytest.raises(AfinaError) as caught:
+        require_agreement(stops_lost, "q8_0", None, tmp_path / "m.gguf")
+    assert caught.value.code == "export_mismatch" and "stops" in caught.value.message
+    require_agreement(stops_lost, "q8_0", 0.5, tmp_path / "m.gguf")
+    with pytest.raises(AfinaError) as caught:
+        require_agreement(RoundTrip(answers=4, identical=3), "f16", None, tmp_path / "m.gguf")
+    assert caught.value.code == "export_mismatch" and "3 of 4" in caught.value.message
+
+
 def test_removed_end_of_turn_token_or_template_is_an_export_mismatch(lora_run, tmp_path):
-    from afina.export.export import test_prompts
+    from afina.export.export import test_rows
     from afina.export.hf_dir import write_hf_directory
     from afina.export.merged import load_tuned, merge_tuned
     from afina.export.roundtrip import check_hf_directory, tuned_answers
@@ -85,7 +145,7 @@ def test_removed_end_of_turn_token_or_template_is_an_export_mismatch(lora_run, t
 
     source = resolve_source(str(lora_run))
     tokenizer = load_tokenizer(source.config.model)
-    prompts = test_prompts(source, 2)
+    prompts = [row.prompt_messages() for row in test_rows(source, 2)]
     tuned = load_tuned(source)
     reference = tuned_answers(tuned, tokenizer, prompts, 12)
     directory = write_hf_directory(merge_tuned(tuned, source), tokenizer, tmp_path / "broken")
@@ -109,9 +169,10 @@ def test_removed_end_of_turn_token_or_template_is_an_export_mismatch(lora_run, t
 
 
 def test_a_method_that_does_not_merge_is_refused_naming_those_that_do(tmp_path, tiny_model_dir, ticket_rows):
-    from afina.cli.export import export_command
-    from afina.cli.console import user_errors
     import typer
+
+    from afina.cli.console import user_errors
+    from afina.cli.export import export_command
 
     run = make_run(tmp_path / "tickets-loreft", tiny_model_dir, ticket_rows[:2],
                    {"name": "loreft", "r": 2, "positions": "all", "dropout": 0.0})
@@ -125,14 +186,14 @@ def test_a_method_that_does_not_merge_is_refused_naming_those_that_do(tmp_path, 
 
 def gguf_reference(run: Path, count: int = 4):
     """What the round trip compares a GGUF with: the tuned model's answers, and the merged model."""
-    from afina.export.export import test_prompts
+    from afina.export.export import test_rows
     from afina.export.merged import load_tuned, merge_tuned
     from afina.export.roundtrip import tuned_answers
     from afina.export.source import resolve_source
 
     source = resolve_source(str(run))
     tokenizer = load_tokenizer(source.config.model)
-    prompts = test_prompts(source, count)
+    prompts = [row.prompt_messages() for row in test_rows(source, count)]
     tuned = load_tuned(source)
     reference = tuned_answers(tuned, tokenizer, prompts, 12)
     return tokenizer, prompts, reference, merge_tuned(tuned, source)
@@ -165,6 +226,9 @@ def test_q8_0_reports_its_agreement(lora_run, tmp_path):
 
     result = export_model(str(lora_run), "gguf", "q8_0", out=tmp_path / "out", prompts=4, min_agreement=0.0)
     assert result.check.answers == 4 and 0 <= result.check.identical <= 4
+    assert result.check.metric == "field_accuracy_mean" and result.check.export_metric is not None
+    report = json.loads((result.directory / "export.json").read_text())["round_trip"]
+    assert {"agreement", "stop_agreement", "tuned_metric", "export_metric"} <= set(report)
     f16 = export_model(str(lora_run), "gguf", "f16", out=tmp_path / "f16", prompts=1, verify=False)
     assert result.size_bytes < f16.size_bytes
 

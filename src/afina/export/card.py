@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from afina.store.records import Model
-
 from afina.export.source import ExportSource
+from afina.store.records import Model
 
 
 def render_card(source: ExportSource, export_format: str, quant: str | None, check: dict | None,
@@ -28,13 +27,26 @@ def render_card(source: ExportSource, export_format: str, quant: str | None, che
         lines += data_section(record) + metrics_section(record) + gate_section(record)
     else:
         lines += ["", "This run is not in the registry: no data hashes, metrics or gate decision were recorded.", ""]
-    if check is not None:
-        lines += ["## Round trip", "",
-                  f"Loaded in {check['runtime']}, {check['answers']} test prompts answered greedily: "
-                  f"{check['identical']} identical to the tuned model's answers in afina"
-                  + (f" ({check['near_ties']} departing only at a near tie)" if check.get("near_ties") else "") + " "
-                  f"(agreement {check['agreement']:.0%}).", ""]
+    unchecked = ("Not checked (exported with --no-verify): nobody has compared this export's answers with the "
+                 "tuned model's.")
+    lines += round_trip_section(check) if check is not None else ["## Round trip", "", unchecked, ""]
     return "\n".join(lines) + "\n"
+
+
+def round_trip_section(check: dict) -> list[str]:
+    """What the export was proven to do: its answers, its stops and the task metric beside the tuned model's."""
+    near = f" ({check['near_ties']} departing only at a near tie)" if check.get("near_ties") else ""
+    how = (f"Loaded in {check['runtime']}, {check['answers']} test prompts answered greedily with the export's own "
+           "chat template (checked to render every prompt as the tuned model's) and end-of-turn token.")
+    identical = f"{check['identical']}/{check['answers']}{near} ({check['agreement']:.0%})"
+    stops = f"{check['stops_matched']}/{check['stops_expected']}"
+    lines = ["## Round trip", "", how, "", "| | tuned model in afina | this export |", "| --- | ---: | ---: |",
+             f"| answers identical to the tuned model's | | {identical} |",
+             f"| stops where the tuned model stops | {check['stops_expected']} answers | {stops} |"]
+    if check.get("metric") and check.get("tuned_metric") is not None:
+        lines.append(f"| {check['metric']} on these prompts | {check['tuned_metric']:.3f} | "
+                     f"{check['export_metric']:.3f} |")
+    return lines + [""]
 
 
 def data_section(record: Model) -> list[str]:

@@ -1,8 +1,8 @@
 """`export_model`: one export from start to end, read top to bottom.
 
     check what was asked (format, quantization, architecture, runtime) -> answer the test prompts with
-    the tuned model -> merge -> write into a staging folder -> load it back and compare -> model card
-    -> rename into place
+    the tuned model -> merge -> write into a staging folder -> load it back and compare (answers, stop
+    token, chat template, the run's task metric) -> model card -> rename into place
 
 A failed round trip leaves nothing at the destination: an export that answers wrongly is never
 where a deployment would pick it up.
@@ -25,15 +25,21 @@ from afina.export.card import render_card
 from afina.export.hf_dir import end_of_turn_id, write_hf_directory
 from afina.export.merged import check_mergeable, load_tuned, merge_tuned
 from afina.export.ollama import render_modelfile
-from afina.export.roundtrip import RoundTrip, check_hf_directory, tuned_answers
+from afina.export.roundtrip import (
+    RoundTrip,
+    check_hf_directory,
+    score_task,
+    tuned_answers,
+)
 from afina.export.source import ExportSource, resolve_source
 from afina.paths import afina_home
 
 FORMATS = ("safetensors", "gguf")
 EXACT = ("f32", "f16", "bf16")
-MIN_AGREEMENT = {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8_0": 0.8}
-"""Share of identical greedy answers an export must reach by default: all for unquantized weights;
-for quantized ones a floor that catches a ruined quantization, not the usual rounding flips."""
+MIN_AGREEMENT = {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8_0": 0.8, "q6_k": 0.7, "q5_k_m": 0.6, "q5_k_s": 0.6}
+"""Share of identical greedy answers (and of stops where the tuned model stops) an export must reach
+by default: all for unquantized weights; for quantized ones a floor that falls with the bits, one
+that catches a ruined quantization, not the usual rounding flips of a long answer."""
 QUANTIZED_FLOOR = 0.5
 
 
@@ -68,7 +74,8 @@ def export_model(target: str, export_format: str, quant: str | None = None, out:
     if destination.exists() and any(destination.iterdir()):
         raise AfinaError("export_exists", "the destination is not empty", location=str(destination),
                          hint="choose another --out, or remove it")
-    conversations = test_prompts(source, prompts)
+    rows = test_rows(source, prompts)
+    conversations = [row.prompt_messages() for row in rows]
     max_new_tokens = source.config.eval.max_new_tokens
 
     from afina.models.loading import load_tokenizer
@@ -104,6 +111,7 @@ def export_model(target: str, export_format: str, quant: str | None = None, out:
                 else:
                     check = gguf_file.check_gguf_file(artifact, reference, conversations, max_new_tokens, eos,
                                                       tokenizer)
+            score_task(check, [row.reference_answer() or "" for row in rows], task_metric(source))
             require_agreement(check, quant, min_agreement, artifact)
         write_record(staging, source, export_format, quant, check)
         if destination.exists():
@@ -137,20 +145,33 @@ def default_destination(source: ExportSource, export_format: str, quant: str | N
     return afina_home() / "exports" / f"{name}-{export_format}{f'-{quant}' if quant else ''}"
 
 
-def test_prompts(source: ExportSource, count: int) -> list[list[dict]]:
-    """The first `count` prompts of the run's test split: the conversation before each answer."""
+def test_rows(source: ExportSource, count: int) -> list:
+    """The first `count` chat rows of the run's test split with a prompt: the round trip answers each
+    row's conversation before its answer, and scores the answers against that answer."""
     from afina.pipeline.run_dir import read_split
 
-    conversations = [r.prompt_messages() for r in read_split(source.run_dir, "test") if r.kind == "chat"]
-    conversations = [c for c in conversations if c][:count]
-    if not conversations:
+    rows = [r for r in read_split(source.run_dir, "test") if r.kind == "chat" and r.prompt_messages()][:count]
+    if not rows:
         raise AfinaError("no_test_rows", "the run's test split has no chat prompts to check the export with",
                          location=str(source.run_dir / "test.jsonl"), hint="export with --no-verify")
-    return conversations
+    return rows
+
+
+def task_metric(source: ExportSource) -> str:
+    """The metric the run's gate judged it on, without its task prefix (`billing/field:team` -> `field:team`)."""
+    from afina.config.gate import metric_base_name
+
+    return metric_base_name(source.config.gate.metric)
 
 
 def require_agreement(check: RoundTrip, quant: str | None, min_agreement: float | None, artifact: Path) -> None:
+    """Answers and stops each reach the floor, or the export fails (and is not put in place)."""
     floor = default_min_agreement(quant) if min_agreement is None else min_agreement
+    if check.stop_agreement < floor:
+        raise AfinaError("export_mismatch", f"the export stops where the tuned model stops in {check.stops_matched} "
+                         f"of {check.stops_expected} answers ({check.stop_agreement:.0%}, at least {floor:.0%} "
+                         f"required): {check.first_stop_difference}", location=str(artifact),
+                         hint="the end-of-turn token lost its weight: export a less quantized format (q8_0, f16)")
     if check.agreement < floor:
         raise AfinaError("export_mismatch", f"{check.identical} of {check.answers} answers identical to the tuned "
                          f"model's ({check.agreement:.0%}, at least {floor:.0%} required); first difference: "
@@ -166,7 +187,8 @@ def write_record(directory: Path, source: ExportSource, export_format: str, quan
 
     summary = None
     if check is not None:
-        summary = {k: v for k, v in asdict(check).items() if k != "details"} | {"agreement": check.agreement}
+        summary = {k: v for k, v in asdict(check).items() if k != "details"} | {
+            "agreement": check.agreement, "stop_agreement": check.stop_agreement}
     (directory / "README.md").write_text(render_card(source, export_format, quant, summary, afina_version()))
     manifest = {"run": str(source.run_dir), "model": source.record.ref if source.record else None,
                 "base_model": source.config.model, "method": source.config.method.name, "format": export_format,

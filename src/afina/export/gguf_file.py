@@ -23,7 +23,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from afina.errors import AfinaError
-from afina.export.roundtrip import Answer, RoundTrip, check_stops, compare_answers, mismatch
+from afina.export.roundtrip import (
+    Answer,
+    RoundTrip,
+    check_stop_token,
+    check_stops,
+    compare_answers,
+    mismatch,
+)
 from afina.models.loading import read_gguf_metadata
 
 WRITTEN_BY_GGUF = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
@@ -255,7 +262,7 @@ def check_gguf_file(path: Path, reference: list[Answer], conversations: list[lis
         raise AfinaError("artifact_invalid", f"llama.cpp cannot load the GGUF: {exc}", location=str(path),
                          hint="export it again") from None
     report = RoundTrip(runtime="llama.cpp", load_seconds=time.perf_counter() - start)
-    answers, generated, seconds = [], 0, 0.0
+    answers, prompt_ids, generated, seconds = [], [], 0, 0.0
     for messages, ref in zip(conversations, reference, strict=True):
         prompt = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                add_generation_prompt=True)
@@ -272,8 +279,10 @@ def check_gguf_file(path: Path, reference: list[Answer], conversations: list[lis
         generated += len(new)
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
         answers.append(Answer(prompt, tuple(new), text))
-    llm.close()
+        prompt_ids.append(ids)
     report.tokens_per_second = generated / seconds if seconds else 0.0
+    check_stop_token(report, reference, prompt_ids, lambda ids: generate_greedy(llm, llama_cpp, ids, 1)[0], eos)
+    llm.close()
     check_stops(reference, answers, eos, str(path))
     return compare_answers(report, reference, answers, eos)
 

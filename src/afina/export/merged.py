@@ -8,10 +8,9 @@ from transformers import PreTrainedModel
 
 from afina.config.methods import AnyMethod
 from afina.errors import AfinaError
+from afina.export.source import ExportSource
 from afina.models.artifacts import merge_trained
 from afina.pipeline.stages import load_tuned_model
-
-from afina.export.source import ExportSource
 
 
 def merging_methods() -> list[str]:

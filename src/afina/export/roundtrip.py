@@ -4,9 +4,16 @@ The common failures of an exported model are a lost chat template, a wrong end-o
 model never stops), a broken tokenizer, and a quantization that ruins the answers. Each is checked
 on its own, so the error says which one it is, and then the answers themselves are compared:
 
-    reference = tuned_answers(tuned, tokenizer, prompts, max_new_tokens)   # afina, before export
-    report = check_hf_directory(directory, reference, max_new_tokens)        # transformers
-    report = check_gguf_file(path, reference, max_new_tokens)               # llama.cpp
+    reference = tuned_answers(tuned, tokenizer, prompts, max_new_tokens)            # afina, before export
+    report = check_hf_directory(directory, reference, prompts, max_new_tokens, ...)  # transformers
+    report = check_gguf_file(path, reference, prompts, max_new_tokens, ...)         # llama.cpp
+    score_task(report, gold_answers, "field_accuracy_mean")                         # what it costs the task
+
+The chat template is checked by rendering every prompt with the export's own template; the stop
+token by the export's metadata and, explicitly, by handing the export each prompt with the tuned
+model's whole answer: where the tuned model ended with its end-of-turn token, the export must choose
+that token next. This holds whether or not the answers agree, so a quantized export that phrases an
+answer differently is still shown to stop where the tuned model stops.
 
 Every prompt is answered on its own (no batch padding) on both sides, so that an unquantized export
 gives the same tokens as afina, not merely close ones. One tolerance, for rounding: where an answer
@@ -18,12 +25,14 @@ the answer counts as agreeing, and the report counts it as a near tie.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from afina.errors import AfinaError
+from afina.eval.metrics import per_example_scores
 
 TIE_MARGIN = 0.01
 """Logits between the tuned model's top two tokens below which a differing export is rounding, not damage."""
@@ -42,21 +51,32 @@ class Answer:
 
 @dataclass
 class RoundTrip:
-    """What the round trip measured: exact answer agreement, and the runtime's speed."""
+    """What the round trip measured: exact answer agreement, where the export stops, the task metric
+    on the same prompts for both models, and the runtime's speed."""
 
     answers: int = 0
     identical: int = 0
     near_ties: int = 0  # of `identical`: answers that departed only at a near tie (TIE_MARGIN)
     stopped: int = 0  # answers that ended with the end-of-turn token on both sides
+    stops_expected: int = 0  # answers the tuned model ended with its end-of-turn token
+    stops_matched: int = 0  # of those: where the export, given the tuned answer, chose that token next
+    metric: str = ""  # the run's task metric, scored against the test split's reference answers
+    tuned_metric: float | None = None
+    export_metric: float | None = None
     load_seconds: float = 0.0
     tokens_per_second: float = 0.0
     first_difference: str | None = None
+    first_stop_difference: str | None = None
     runtime: str = ""
     details: list[dict] = field(default_factory=list)
 
     @property
     def agreement(self) -> float:
         return self.identical / self.answers if self.answers else 1.0
+
+    @property
+    def stop_agreement(self) -> float:
+        return self.stops_matched / self.stops_expected if self.stops_expected else 1.0
 
 
 @torch.no_grad()
@@ -116,6 +136,37 @@ def check_stops(reference: list[Answer], exported: list[Answer], eos: int, locat
                            "the export's end-of-turn token must be the tokenizer's eos; export again")
 
 
+def check_stop_token(report: RoundTrip, reference: list[Answer], prompt_ids: list[list[int]],
+                     next_token: Callable[[list[int]], int], eos: int) -> RoundTrip:
+    """Where the tuned model ended an answer with `eos`, give the export the prompt and the tuned
+    model's answer and count whether its greedy next token is `eos` too (a near tie of the tuned
+    model's counts, as for answers). `next_token` runs the export on token ids."""
+    for ids, ref in zip(prompt_ids, reference, strict=True):
+        if not ref.tokens or ref.tokens[-1] != eos:
+            continue
+        report.stops_expected += 1
+        chosen = next_token(list(ids) + list(ref.tokens[:-1]))
+        if chosen == eos or (ref.margins and ref.margins[-1] < TIE_MARGIN):
+            report.stops_matched += 1
+        elif report.first_stop_difference is None:
+            report.first_stop_difference = f"after {ref.text[:60]!r} the export continues with token {chosen}"
+    return report
+
+
+def score_task(report: RoundTrip, gold: list[str], metric: str) -> RoundTrip:
+    """The task metric on the round trip's prompts, for the tuned model's answers and the export's,
+    scored by afina's evaluation against the reference answers: what the differences cost the task.
+    `metric` is the run's gate metric; exact match where that is not a metric of generated answers
+    (a loss) or does not apply to these answers (field accuracy without JSON references)."""
+    tuned = per_example_scores([d["tuned"] for d in report.details], gold)
+    export = per_example_scores([d["export"] for d in report.details], gold)
+    name = metric if metric in tuned else "exact_match"
+    report.metric = name
+    report.tuned_metric = sum(tuned[name]) / len(tuned[name]) if tuned[name] else None
+    report.export_metric = sum(export[name]) / len(export[name]) if export[name] else None
+    return report
+
+
 # -- transformers ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -138,7 +189,7 @@ def check_hf_directory(directory: Path, reference: list[Answer], conversations: 
     if not tokenizer.chat_template:
         raise mismatch("the exported tokenizer has no chat template", str(directory / "tokenizer_config.json"),
                        "export again; a runtime would format prompts differently from training")
-    answers, generated, seconds = [], 0, 0.0
+    answers, prompt_ids, generated, seconds = [], [], 0, 0.0
     for messages, ref in zip(conversations, reference, strict=True):
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if prompt != ref.prompt:
@@ -152,6 +203,9 @@ def check_hf_directory(directory: Path, reference: list[Answer], conversations: 
         new = tuple(output[0, ids.shape[1]:].tolist())
         generated += len(new)
         answers.append(Answer(prompt, new, tokenizer.decode(new, skip_special_tokens=True).strip()))
+        prompt_ids.append(ids[0].tolist())
     report.tokens_per_second = generated / seconds if seconds else 0.0
     check_stops(reference, answers, eos, str(directory / "generation_config.json"))
+    check_stop_token(report, reference, prompt_ids,
+                     lambda ids: int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()), eos)
     return compare_answers(report, reference, answers, eos)
