@@ -1,8 +1,13 @@
-"""`afina keys`: API keys of the jobs service (`afina server`), and rotation of the master key."""
+"""`afina keys`: API keys (each acts as its owner, until it expires or is revoked), and rotation of
+the master key.
+
+    afina keys create laptop --owner alice --expires-in 30d   # prints afn-... once
+    afina keys list
+    afina keys revoke laptop --owner alice
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -10,55 +15,69 @@ import typer
 from rich.table import Table
 
 from afina.cli.console import console, user_errors
+from afina.cli.users import UserOption, acting_principal
 
-keys_app = typer.Typer(help="API keys of the jobs service: created, listed, revoked.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (created, listed, revoked) and the master key (rotated).", no_args_is_help=True)
 
 
 @keys_app.command("create")
 @user_errors
 def create_command(
-    name: str = typer.Argument(..., help="Who or what the key is for, e.g. ci or alice"),
-    expires_days: float = typer.Option(None, "--expires-days", help="Days until the key stops working (default: never)"),
+    name: Annotated[str, typer.Argument(help="What the key is for, e.g. ci or laptop")],
+    owner: Annotated[str | None, typer.Option(
+        "--owner", help="The user the key acts as (default: the acting user)")] = None,
+    expires_in: Annotated[str | None, typer.Option(
+        "--expires-in", help="When the key stops working: 90m, 12h, 30d, 2w (default: never)")] = None,
+    user: UserOption = None,
 ) -> None:
-    """Create a key and print it once: only its SHA-256 is kept."""
-    from afina.jobs.keys import hash_api_key, new_api_key
+    """Create a key and print it once: only its SHA-256 is kept. It acts as its owner, with the owner's roles."""
+    from afina.jobs.keys import hash_api_key, new_api_key, parse_duration
     from afina.store import open_store
     from afina.store.tables import utcnow
 
+    expires = utcnow() + parse_duration(expires_in) if expires_in else None
     key = new_api_key()
-    expires = utcnow() + timedelta(days=expires_days) if expires_days else None
     with open_store() as store:
-        record = store.create_api_key(name, hash_api_key(key), expires)
+        by = acting_principal(store, user)
+        owner = owner or (by.user if store.has_users() else None)
+        record = store.create_api_key(name, hash_api_key(key), expires, user=owner, by=by)
     print(key)
     until = f", expires {record.expires_at:%Y-%m-%d %H:%M} UTC" if record.expires_at else ""
-    typer.echo(f"key {record.id} for {name}{until}: shown only now; keep it in a secret store", err=True)
+    acts_as = f"acts as {owner}" if owner else "acts as an admin of the default project (the store has no users)"
+    typer.echo(f"key {record.id} ({name}) {acts_as}{until}: shown only now; keep it in a secret store", err=True)
 
 
 @keys_app.command("list")
 @user_errors
-def list_command() -> None:
-    """The keys: name, when created, revoked or expiring (never the keys themselves)."""
+def list_command(user: UserOption = None) -> None:
+    """The keys: owner, state, when created, expiring or revoked (never the keys themselves)."""
     from afina.store import open_store
+    from afina.store.tables import utcnow
 
     with open_store() as store:
-        keys = store.list_api_keys()
-    table = Table("id", "name", "created", "expires", "revoked")
+        keys = store.list_api_keys(by=acting_principal(store, user))
+    now = utcnow()
+    table = Table("id", "name", "owner", "state", "created", "expires", "revoked")
     for key in keys:
-        table.add_row(str(key.id), key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
-                      f"{key.expires_at:%Y-%m-%d %H:%M}" if key.expires_at else "-",
+        table.add_row(str(key.id), key.name, key.user or "(admin of default)", key.state(now),
+                      f"{key.created_at:%Y-%m-%d %H:%M}", f"{key.expires_at:%Y-%m-%d %H:%M}" if key.expires_at else "-",
                       f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "-")
     console.print(table)
-    console.print(f"{len(keys)} keys, {sum(k.revoked_at is None for k in keys)} not revoked")
+    console.print(f"{len(keys)} keys, {sum(k.state(now) == 'live' for k in keys)} live")
 
 
 @keys_app.command("revoke")
 @user_errors
-def revoke_command(name: str = typer.Argument(..., help="The name the keys were created with")) -> None:
+def revoke_command(
+    name: Annotated[str, typer.Argument(help="The name the keys were created with")],
+    owner: Annotated[str | None, typer.Option("--owner", help="Only this user's keys of that name")] = None,
+    user: UserOption = None,
+) -> None:
     """Revoke every live key with this name; requests with them get 401 from then on."""
     from afina.store import open_store
 
     with open_store() as store:
-        revoked = store.revoke_api_keys(name)
+        revoked = store.revoke_api_keys(name, user=owner, by=acting_principal(store, user))
     console.print(f"revoked {len(revoked)} key(s) named {name}", markup=False, highlight=False)
 
 

@@ -14,13 +14,14 @@
     afina server --workers 1            # the OpenAI-compatible fine-tuning API (files, jobs) with a local worker
     afina worker                        # run queued fine-tuning jobs; start one per GPU machine
     afina keys create NAME | list | revoke NAME   # API keys of the fine-tuning API
+    afina users add NAME --role admin | grant | list | remove   # users and their roles in projects
 """
 
 from __future__ import annotations
 
 import typer
 
-from afina.cli import data, demo, estimate, eval, export, keys, merge, registry, run, serve, server, train
+from afina.cli import data, demo, estimate, eval, export, keys, merge, registry, run, serve, server, train, users
 from afina.cli.console import user_errors
 
 app = typer.Typer(help="Fine-tune open language models on your own data and prove they got better.",
@@ -38,5 +39,6 @@ app.add_typer(registry.runs_app, name="runs")
 app.add_typer(registry.audit_app, name="audit")
 app.command("serve")(user_errors(serve.serve_command))
 app.add_typer(keys.keys_app, name="keys")
+app.add_typer(users.users_app, name="users")
 app.command("server")(user_errors(server.server_command))
 app.command("worker")(user_errors(server.worker_command))
