@@ -81,6 +81,67 @@ def test_safetensors_export_answers_as_the_tuned_model(lora_run, tmp_path):
     assert not torch.equal(exported.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
+MERGING_METHODS = {
+    "full": {"name": "full"},
+    "freeze": {"name": "freeze", "train_last_layers": 1},
+    "lora": {"name": "lora", "r": 4},
+    "dora": {"name": "dora", "r": 4},
+    "rslora": {"name": "rslora", "r": 4},
+    "qlora": {"name": "qlora", "r": 4},
+    "ia3": {"name": "ia3"},
+}
+NOT_MERGING_METHODS = {
+    "prefix": {"name": "prefix", "num_virtual_tokens": 2},
+    "prompt": {"name": "prompt", "num_virtual_tokens": 2, "init": "random"},
+    "loreft": {"name": "loreft", "r": 2, "positions": "all", "dropout": 0.0},
+    "adapter": {"name": "adapter", "bottleneck": 4},
+}
+
+
+def test_every_method_is_tested_for_export():
+    from afina.export.merged import merging_methods
+
+    assert sorted(MERGING_METHODS) == sorted(merging_methods())
+    assert not set(MERGING_METHODS) & set(NOT_MERGING_METHODS)
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.skipif(
+    name == "qlora" and not torch.cuda.is_available(), reason="qlora's 4-bit base runs on bitsandbytes, CUDA only"))
+    for name in MERGING_METHODS])
+def test_every_merging_method_exports_answering_as_its_tuned_model(name, tmp_path, tiny_model_dir, ticket_rows):
+    """The merged safetensors export computes what the tuned model computes (not the base's logits),
+    and answers the test prompts with identical greedy tokens."""
+    from afina.export.export import export_model
+    from afina.export.merged import load_tuned
+    from afina.export.source import resolve_source
+
+    run = make_run(tmp_path / f"tickets-{name}", tiny_model_dir, ticket_rows[:3], MERGING_METHODS[name])
+    result = export_model(str(run), "safetensors", out=tmp_path / "out", prompts=3)
+    assert (result.check.answers, result.check.identical) == (3, 3)
+    assert f"| method | {name} (merged into the weights) |" in (result.directory / "README.md").read_text()
+    ids = load_tokenizer(str(tiny_model_dir))("the printer is jammed", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        exported = load_model(str(result.directory))(input_ids=ids).logits
+        tuned = load_tuned(resolve_source(str(run)))(input_ids=ids).logits
+        base = load_model(str(tiny_model_dir))(input_ids=ids).logits
+    torch.testing.assert_close(exported, tuned, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(exported, base, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", NOT_MERGING_METHODS)
+def test_a_method_that_does_not_merge_names_those_that_do(name, tmp_path, tiny_model_dir, ticket_rows):
+    from afina.export.export import export_model
+
+    run = make_run(tmp_path / f"tickets-{name}", tiny_model_dir, ticket_rows[:2], NOT_MERGING_METHODS[name])
+    for export_format in ("safetensors", "gguf"):
+        with pytest.raises(AfinaError) as caught:
+            export_model(str(run), export_format, out=tmp_path / "out", verify=False)
+        assert caught.value.code == "not_mergeable" and caught.value.location == "method"
+        assert name in caught.value.message
+        assert all(method in caught.value.hint for method in MERGING_METHODS)
+    assert not (tmp_path / "out").exists()
+
+
 def answer(tokens: tuple, text: str, margins: tuple = ()):
     from afina.export.roundtrip import Answer
 
