@@ -125,7 +125,7 @@ def start_server(model: str, max_batch_size: int) -> tuple[subprocess.Popen, str
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-c", "from afina.cli import main; main()", "serve", model,
                                "--port", str(port), "--max-batch-size", str(max_batch_size),
-                               "--max-concurrent", str(max(64, max_batch_size))],
+                               "--max-concurrent", str(max(64, max_batch_size)), "--no-auth"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     while True:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import typer
 
 from afina.cli.console import console
+from afina.cli.server import TlsCert, TlsKey
+from afina.cli.users import UserOption, acting_principal
+from afina.errors import AfinaError
+from afina.security.permissions import DEFAULT_PROJECT
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve_command(
@@ -18,11 +24,27 @@ def serve_command(
                                            help="Prompt + max_tokens per request (default: the model's context)"),
     max_batch_size: int = typer.Option(32, "--max-batch-size", help="Sequences decoded together in one step"),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may run before it is ended"),
+    project: str = typer.Option(DEFAULT_PROJECT, "--project",
+                                help="Whose models these are: a key's user needs a role in this project"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve without API keys (loopback addresses only)"),
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    user: UserOption = None,
 ) -> None:
-    """Serve models on /v1/chat/completions, /v1/completions and /v1/models (OpenAI's API)."""
-    import uvicorn
-
+    """Serve models on /v1/chat/completions, /v1/completions and /v1/models (OpenAI's API). Every /v1
+    request needs an API key whose user may use models in --project (`afina keys create`)."""
     from afina.pipeline.prepare import quiet_libraries
+    from afina.service.tls import check_tls_files, scheme, serve_app
+    from afina.store import open_store
+
+    if no_auth and host not in LOOPBACK:
+        raise AfinaError("auth_required", f"--no-auth serves anyone who reaches {host}", location="--no-auth",
+                         hint="keep API keys on, or listen on 127.0.0.1 only")
+    if tls_cert is not None:
+        check_tls_files(tls_cert, tls_key)
+    store = None if no_auth else open_store()
+    if store is not None:  # the operator starting the server may use the models they serve
+        store.check_permission(acting_principal(store, user), "use_model", project)
     from afina.service.app import ServeSettings, create_app
     from afina.serving.engine import Engine
     from afina.serving.loading import load_served_models, resolve_source
@@ -36,7 +58,12 @@ def serve_command(
         console.print(f"serving {source.name}: {source.base}{adapter}", markup=False, highlight=False)
     settings = ServeSettings(max_concurrent_requests=max_concurrent, max_request_tokens=max_request_tokens,
                              request_timeout_s=timeout)
-    app = create_app(Engine(served, max_batch_size=max_batch_size), settings)
-    console.print(f"OpenAI-compatible API at http://{host}:{port}/v1 (ready at /ready once warmed up)",
-                  markup=False, highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = create_app(Engine(served, max_batch_size=max_batch_size), settings, keys=store, project=project)
+    keys = f"API keys of project {project}'s users" if store else "no API keys (--no-auth)"
+    console.print(f"OpenAI-compatible API at {scheme(tls_cert)}://{host}:{port}/v1 (ready at /ready once warmed up); "
+                  f"{keys}", markup=False, highlight=False)
+    try:
+        serve_app(app, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key)
+    finally:
+        if store is not None:
+            store.close()

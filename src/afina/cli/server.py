@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from afina.cli.console import console
+
+TLS_CERT_HELP = "PEM certificate: serve HTTPS (TLS 1.2 at least, 1.3 when the client has it)"
+TLS_KEY_HELP = "PEM private key of --tls-cert (when the certificate file does not hold it)"
+TlsCert = Annotated[Path | None, typer.Option("--tls-cert", help=TLS_CERT_HELP)]
+TlsKey = Annotated[Path | None, typer.Option("--tls-key", help=TLS_KEY_HELP)]
 
 
 def server_command(
@@ -14,19 +21,22 @@ def server_command(
     port: int = typer.Option(8000, "--port", help="Port to listen on"),
     workers: int = typer.Option(0, "--workers", help="Workers run in this process (0: run `afina worker` elsewhere)"),
     max_upload_mb: int = typer.Option(256, "--max-upload-mb", help="Largest file upload in MiB; larger ones get 413"),
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """Serve /v1/files and /v1/fine_tuning/jobs (OpenAI's fine-tuning API) on the store of AFINA_DATABASE_URL."""
-    import uvicorn
-
     from afina.service.jobs_api import JobsSettings, create_jobs_app
+    from afina.service.tls import check_tls_files, scheme, serve_app
     from afina.store import open_store
 
+    if tls_cert is not None:
+        check_tls_files(tls_cert, tls_key)  # before the store is opened or anything listens
     store = open_store()
     settings = JobsSettings(max_upload_bytes=max_upload_mb * 2**20, workers=workers)
-    console.print(f"fine-tuning API at http://{host}:{port}/v1 on {store.url}, {workers} local workers; "
-                  "keys: afina keys create NAME", markup=False, highlight=False)
+    console.print(f"fine-tuning API at {scheme(tls_cert)}://{host}:{port}/v1 on {store.url}, {workers} local "
+                  "workers; keys: afina keys create NAME", markup=False, highlight=False)
     try:
-        uvicorn.run(create_jobs_app(store, settings), host=host, port=port, log_level="warning")
+        serve_app(create_jobs_app(store, settings), host=host, port=port, tls_cert=tls_cert, tls_key=tls_key)
     finally:
         store.close()
 

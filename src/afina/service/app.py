@@ -7,6 +7,10 @@
 a warm-up answer. Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400
 for a bad parameter (named in `param`), 404 for a model not served, 413 for a body too large, 429
 with Retry-After beyond the concurrent-request cap, 504 past the request timeout.
+
+With `keys` (a store; `afina serve` passes one unless `--no-auth`), every /v1 route needs
+`Authorization: Bearer KEY`: 401 for a missing, unknown, expired or revoked key, 403
+`permission_denied` when the key's user may not use models in the served `project`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from afina.errors import AfinaError
+from afina.security.permissions import DEFAULT_PROJECT
+from afina.service.jobs_api import require_key
 from afina.service.schemas import ApiError, ChatRequest, CompletionRequest, SamplingFields, parse_body
 from afina.serving.engine import Delta, Engine, GenerationRequest, SamplingParams
+from afina.store import Store
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,10 @@ class Slots:
         self.used -= 1
 
 
-def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The service around a (not yet started) engine: started, warmed up and stopped with the app."""
+def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: Store | None = None,
+               project: str = DEFAULT_PROJECT) -> FastAPI:
+    """The service around a (not yet started) engine: started, warmed up and stopped with the app;
+    behind the API keys of `keys` when given, for users who may use models in `project`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,7 +74,8 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> Fas
         warm_up.cancel()
         await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="afina", lifespan=lifespan)
+    guard = [Depends(model_users(keys, project))] if keys is not None else []
+    app = FastAPI(title="afina", lifespan=lifespan, dependencies=guard)
     slots = Slots(settings.max_concurrent_requests)
     created = int(time.time())
 
@@ -118,6 +129,22 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings()) -> Fas
         return await respond(engine, slots, settings, body, prompt_ids, params, chat=False)
 
     return app
+
+
+def model_users(store: Store, project: str):
+    """A dependency of every route: on /v1 routes, a live API key whose user may use models in
+    `project` (401, 403); /health and /ready stay open for load balancers."""
+
+    def check(request: Request) -> None:
+        if not request.url.path.startswith("/v1/"):
+            return
+        principal = require_key(request, store)
+        try:
+            store.check_permission(principal, "use_model", project)
+        except AfinaError as error:
+            raise ApiError(403, error.message, type="permission_error", code=error.code) from None
+
+    return check
 
 
 async def read_body(request: Request, settings: ServeSettings) -> object:
