@@ -1,6 +1,7 @@
 """The fine-tuning API through the official `openai` client against a real server: upload, create,
-follow to succeeded, checkpoints, cancel; and the errors: 400 with afina's codes, 401, 404, 413,
-none of which leaves a row or a file behind."""
+follow to succeeded, checkpoints, cancel (a running job stops within a training step, keeping its
+checkpoint); and the errors: 400 with afina's codes, 401, 404, 413, none of which leaves a row or a
+file behind."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx2 as httpx
 import openai
@@ -19,6 +21,8 @@ from afina.jobs.files import files_dir
 from afina.jobs.keys import hash_api_key, new_api_key
 from afina.service.jobs_api import JobsSettings, create_jobs_app
 from afina.store import open_store
+from afina.training.checkpoints import latest_checkpoint
+from afina.training.metrics import read_metrics
 
 MAX_UPLOAD = 64 * 2**10
 RUN = {"training": {"max_steps": 2, "row_length": 128, "save_every": 1, "keep_checkpoints": 5},
@@ -38,7 +42,8 @@ def server(tmp_path, afina_home):
     store = open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
     key = new_api_key()
     store.create_api_key("tests", hash_api_key(key))
-    settings = JobsSettings(max_upload_bytes=MAX_UPLOAD, workers=1, poll_seconds=0.1, lease_seconds=30)
+    settings = JobsSettings(max_upload_bytes=MAX_UPLOAD, workers=1, poll_seconds=0.1, lease_seconds=30,
+                            check_seconds=0.05)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_jobs_app(store, settings), host="127.0.0.1", port=port,
                                        log_level="warning"))
@@ -104,6 +109,36 @@ def test_a_job_runs_from_upload_to_a_fine_tuned_model(client, tiny_model_dir, ti
     listed = client.fine_tuning.jobs.list(limit=1)
     assert [j.id for j in listed.data] == [other.id] and listed.has_more
     assert [j.id for j in client.fine_tuning.jobs.list(after=other.id, limit=5).data] == [job.id]
+
+
+def trained_steps(run_dir) -> list[int]:
+    return [row["step"] for row in read_metrics(run_dir / "metrics.jsonl") if row["split"] == "train"]
+
+
+def test_cancel_stops_a_training_job_within_a_step_and_keeps_its_checkpoint(client, server, tiny_model_dir,
+                                                                           ticket_rows):
+    store = server[2]
+    uploaded = client.files.create(file=("tickets.jsonl", jsonl(ticket_rows)), purpose="fine-tune")
+    long_run = {**RUN, "training": {"max_steps": 500, "row_length": 128, "save_every": 1000}}
+    job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=uploaded.id,
+                                         extra_body={"afina": long_run})
+    deadline = time.monotonic() + 120
+    while (run_id := store.get_job(job.id).run_id) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run_dir = Path(store.get_run(run_id).run_dir)
+    while len(trained_steps(run_dir)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    steps_at_cancel = trained_steps(run_dir)[-1]
+    while not any(e.message.startswith("stopped") for e in client.fine_tuning.jobs.list_events(job.id)):
+        assert time.monotonic() < deadline, "the worker did not stop"
+        time.sleep(0.02)
+    last = trained_steps(run_dir)[-1]
+    assert last - steps_at_cancel <= 2 and last < 500  # the step in progress, or the next if it just ended
+    assert latest_checkpoint(run_dir / "checkpoints").step == last
+    assert store.get_job(job.id).status == "cancelled"
+    run = store.get_run(run_id)
+    assert run.status == "interrupted" and run.error_code == "cancelled"
 
 
 def test_a_bad_file_is_refused_at_upload_with_its_code(client, server):

@@ -3,10 +3,13 @@
     worker = Worker(store, name="gpu-1")
     worker.run_forever(stop)             # `afina worker`; `afina server --workers N` runs N in threads
 
-While a job runs, a heartbeat renews its lease. When renewing fails (the job was cancelled, or this
-worker was presumed dead and another took the job over) the worker stops the job at the next
-stage boundary. A worker that dies stops renewing; once its lease ends, the next claim takes the
-job over and resumes its run from the last checkpoint (`resume_workflow`).
+While a job runs, a heartbeat looks every `check_seconds` whether the job is still this worker's
+(a read) and renews its lease every third of `lease_seconds` (a write). Once it is not (the job was
+cancelled, or this worker was presumed dead and another took the job over) the heartbeat sets the
+job's cancel flag: training, run inside `stop_when(flag)`, stops after the optimizer step in
+progress with a checkpoint, and any other stage stops at the next stage boundary. A worker that
+dies stops renewing; once its lease ends, the next claim takes the job over and resumes its run
+from the last checkpoint (`resume_workflow`), taking the steps an uninterrupted run would have.
 
 `run_job` is what a job's work is: by default afina's workflow (`run_workflow_job`); a test or a
 benchmark passes a function of its own, e.g. one that does nothing.
@@ -18,6 +21,7 @@ import io
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,14 +112,16 @@ def run_workflow_job(context: JobContext) -> JobOutcome:
     worker died) is resumed from its last checkpoint instead of started again."""
     from afina.jobs.run_config import run_config_of
     from afina.pipeline.workflow import resume_workflow, start_workflow
+    from afina.training.loop import stop_when
 
     store, job = ReportingStore(context), context.job
-    if job.run_id is not None:
-        run = context.store.get_run(job.run_id)
-        context.report(f"resuming run {run.id} from its last checkpoint")
-        result = resume_workflow(Path(run.run_dir), store, context.console)
-    else:
-        result = start_workflow(run_config_of(job, context.store), store, context.console)
+    with stop_when(context.cancelled):  # a cancel stops training after the step in progress
+        if job.run_id is not None:
+            run = context.store.get_run(job.run_id)
+            context.report(f"resuming run {run.id} from its last checkpoint")
+            result = resume_workflow(Path(run.run_dir), store, context.console)
+        else:
+            result = start_workflow(run_config_of(job, context.store), store, context.console)
     gate = asdict(result.decision) if result.decision is not None else None
     extension = {"run_id": result.run_id, "run_dir": str(result.run_dir), "gate": gate, "model": result.model}
     if result.status == "succeeded":
@@ -125,17 +131,22 @@ def run_workflow_job(context: JobContext) -> JobOutcome:
         return JobOutcome("failed", error={"code": "gate_discarded", "param": None,
                                            "message": f"the tuned model did not beat its base: {reasons}"},
                           result=extension)
-    raise JobCancelled  # interrupted: stopped by a signal to this worker, with a checkpoint written
+    if context.cancelled.is_set():  # training stopped for the cancel, its checkpoint written
+        context.store.set_run_status(result.run_id, "interrupted", error_code="cancelled",
+                                     error_message="the fine-tuning job was cancelled; its last checkpoint is kept")
+    raise JobCancelled  # interrupted: cancelled, or stopped by a signal to this worker, with a checkpoint written
 
 
 class Worker:
     """Claims jobs from the store one at a time and runs them."""
 
     def __init__(self, store: Store, *, name: str | None = None, run_job: RunJob = run_workflow_job,
-                 lease_seconds: float = 60.0, poll_seconds: float = 2.0, console: Console | None = None):
+                 lease_seconds: float = 60.0, poll_seconds: float = 2.0, check_seconds: float = 1.0,
+                 console: Console | None = None):
         self.store, self.run_job = store, run_job
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.lease_seconds, self.poll_seconds = lease_seconds, poll_seconds
+        self.check_seconds = min(check_seconds, lease_seconds / 3)  # how soon a cancel is noticed
         self.console = console or Console(file=io.StringIO())  # threads of a server print nothing
         self.jobs_run = 0
 
@@ -186,10 +197,27 @@ class Worker:
                               fine_tuned_model=outcome.fine_tuned_model, result=outcome.result)
 
     def _heartbeat(self, job: Job, cancelled: threading.Event, done: threading.Event) -> None:
-        while not done.wait(self.lease_seconds / 3):
-            if not self.store.renew_lease(job.id, self.name, self.lease_seconds):
+        """Until the job's work is done: renew the lease every third of it, look in between whether
+        the job is still this worker's; set `cancelled` as soon as it is not."""
+        renewed = time.monotonic()
+        while not done.wait(self.check_seconds):
+            due = time.monotonic() - renewed >= self.lease_seconds / 3
+            try:
+                still_mine = (self.store.renew_lease(job.id, self.name, self.lease_seconds) if due
+                              else holds_job(self.store, job.id, self.name))
+            except Exception:  # noqa: BLE001 - the database out of reach a moment: try again, within the lease
+                still_mine = time.monotonic() - renewed < self.lease_seconds * 2 / 3
+            else:
+                renewed = time.monotonic() if due else renewed
+            if not still_mine:  # stop before another worker may take the job over
                 cancelled.set()
                 return
+
+
+def holds_job(store: Store, job_id: str, worker: str) -> bool:
+    """Whether `worker` still runs `job_id`: not cancelled, not taken over by another worker."""
+    job = store.get_job(job_id)
+    return job.status == "running" and job.worker == worker
 
 
 def start_worker_threads(store: Store, count: int, stop: threading.Event, **options) -> list[threading.Thread]:

@@ -53,6 +53,7 @@ class JobsSettings:
     workers: int = 0  # worker threads in the server process; 0: workers run elsewhere (`afina worker`)
     lease_seconds: float = 60.0
     poll_seconds: float = 2.0
+    check_seconds: float = 1.0  # how often a running job's worker looks whether it was cancelled
 
 
 def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_job=None) -> FastAPI:
@@ -65,7 +66,8 @@ def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_j
 
         stop = threading.Event()
         threads = start_worker_threads(store, settings.workers, stop, run_job=run_job or run_workflow_job,
-                                       lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds)
+                                       lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
+                                       check_seconds=settings.check_seconds)
         yield
         stop.set()
         for thread in threads:
