@@ -11,7 +11,9 @@ Every route but /health needs `Authorization: Bearer KEY` (401 for a missing, un
 revoked key). A key acts as its user, in the project the request names with `OpenAI-Project`
 (the `openai` client's `project=`; default: `default`); the store checks the user's role there for
 each action and answers 403 `permission_denied` otherwise, and a file or job of another project is
-not found (404). Files are validated as they
+not found (404). afina's extensions reach the registry, users and the audit trail with the same
+checks: GET/DELETE /v1/models/{name:version}, POST /v1/models/{model}/promote, POST /v1/users,
+GET /v1/audit. Files are validated as they
 arrive (400 with afina's validation code; 413 past the size limit); a job is checked whole before it
 is queued (400 naming the `param`). Unknown ids are 404. Errors have OpenAI's shape, and none leaves
 a row or a file behind. The `afina` field of a job is afina's extension: a whole run config in, the
@@ -39,9 +41,9 @@ from afina.jobs.keys import hash_api_key
 from afina.jobs.run_config import check_hyperparameters, check_method, check_suffix, job_config
 from afina.security.permissions import DEFAULT_PROJECT, Principal, check_project_name
 from afina.service.schemas import ApiError
-from afina.store import Job, JobEvent, Store, StoredFile
+from afina.store import Job, JobEvent, Model, Store, StoredFile
 
-NOT_FOUND_CODES = ("file_not_found", "job_not_found")
+NOT_FOUND_CODES = ("file_not_found", "job_not_found", "model_not_found", "user_not_found")
 HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
@@ -53,7 +55,6 @@ class JobsSettings:
     workers: int = 0  # worker threads in the server process; 0: workers run elsewhere (`afina worker`)
     lease_seconds: float = 60.0
     poll_seconds: float = 2.0
-    check_seconds: float = 1.0  # how often a running job's worker looks whether it was cancelled
 
 
 def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_job=None) -> FastAPI:
@@ -66,8 +67,7 @@ def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_j
 
         stop = threading.Event()
         threads = start_worker_threads(store, settings.workers, stop, run_job=run_job or run_workflow_job,
-                                       lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
-                                       check_seconds=settings.check_seconds)
+                                       lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds)
         yield
         stop.set()
         for thread in threads:
@@ -282,6 +282,54 @@ def job_checkpoints(job_id: str, store: StoreDep, caller: Caller, project: Proje
             "last_id": checkpoints[min(limit, len(checkpoints)) - 1]["id"] if checkpoints else None}
 
 
+# afina's extensions: the registry, users and the audit trail (the registry belongs to the default project)
+
+@router.get("/models/{model}")
+def get_model(model: str, store: StoreDep, caller: Caller) -> dict:
+    return model_object(store.get_model(model, by=caller))
+
+
+@router.delete("/models/{model}")
+def delete_model(model: str, store: StoreDep, caller: Caller) -> dict:
+    from afina.pipeline.run_dir import delete_trained
+
+    deleted = store.delete_model(model, by=caller)
+    if deleted.artifacts.get("run_dir"):
+        delete_trained(Path(deleted.artifacts["run_dir"]))
+    return {"id": deleted.ref, "object": "model", "deleted": True}
+
+
+@router.post("/models/{model}/promote")
+async def promote_model(model: str, request: Request, store: StoreDep, caller: Caller) -> dict:
+    alias = (await read_json(request)).get("alias")
+    if not isinstance(alias, str):
+        raise ApiError(400, "alias is required, e.g. production", param="alias", code="bad_alias")
+    name, _, version = model.partition(":")
+    return model_object(store.promote(name, alias, int(version) if version.isdigit() else None, by=caller))
+
+
+@router.post("/users")
+async def add_user(request: Request, store: StoreDep, caller: Caller) -> dict:
+    body = await read_json(request)
+    name, project, role = body.get("name"), body.get("project") or DEFAULT_PROJECT, body.get("role")
+    if not all(isinstance(v, str) for v in (name, project, role)):
+        raise ApiError(400, "name, role and project (default: default) are strings", param="name")
+    if name in {u.name for u in store.list_users(by=caller)}:
+        user = store.grant(name, project, role, by=caller)
+    else:
+        user = store.add_user(name, project=project, role=role, by=caller)
+    return {"object": "user", "name": user.name, "roles": user.roles}
+
+
+@router.get("/audit")
+def audit_events(store: StoreDep, caller: Caller, user: str | None = None, action: str | None = None,
+                 resource: str | None = None, limit: int = 100) -> dict:
+    events = store.events(actor=user, action=action, resource=resource, by=caller)[-limit:]
+    return {"object": "list", "data": [{"id": e.id, "created_at": timestamp(e.created_at), "actor": e.actor,
+                                        "kind": e.kind, "message": e.message, "details": e.details, "hash": e.hash}
+                                       for e in events]}
+
+
 # request bodies
 
 
@@ -353,6 +401,11 @@ def job_object(job: Job) -> dict:
         "method": {"type": method_type, method_type: {"hyperparameters": hyperparameters}},
         "afina": {"run_id": job.run_id, "worker": job.worker, "attempts": job.attempts, **(job.result or {})},
     }
+
+
+def model_object(model: Model) -> dict:
+    return {"id": model.ref, "object": "model", "created": timestamp(model.created_at), "owned_by": "afina",
+            "aliases": list(model.aliases), "status": model.status, "gate": model.gate}
 
 
 def event_object(event: JobEvent) -> dict:
