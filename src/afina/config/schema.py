@@ -96,6 +96,11 @@ class TrainingConfig(Strict):
         None, description="Machine name in the price table (e.g. aws-p5.48xlarge), for live cost and max_cost.")
     price_per_hour: float | None = Field(None, ge=0, description="Price of the machine per hour; overrides the table.")
     max_cost: float | None = Field(None, gt=0, description="Stop with a checkpoint once the run has cost this much.")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Under several processes (torchrun, or afina train --devices N): ddp keeps the whole "
+                            "model on each device and splits the data; fsdp also shards weights, gradients and "
+                            "optimizer state across devices; auto picks ddp when the run fits one device, "
+                            "fsdp otherwise. One process ignores it.")
 
     def auto_fields(self) -> list[str]:
         """The fields still set to `auto` (none once the run's data has chosen them)."""

@@ -8,7 +8,8 @@
         every eval_every steps: validation loss (the objective's);  every save_every steps: atomic checkpoint
         a signal, the time or cost budget, early stopping: checkpoint and stop
 
-What an objective groups, collates and minimizes is in `afina.training.objectives`.
+What an objective groups, collates and minimizes is in `afina.training.objectives`. Under torchrun
+every process runs this loop on its share of each step (`afina.training.distributed`: DDP or FSDP).
 The batches of an epoch are a pure function of (examples, seed, epoch), and checkpoints hold the
 position inside the epoch (`TrainState`), the optimizer, the schedule and the RNG state, so a
 resumed run takes exactly the steps an uninterrupted run would have taken.
@@ -38,6 +39,10 @@ from afina.training.validation import evaluate_loss
 from afina.models.methods import model_shares_prefixes, trainable_parameters
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
 from afina.training.cost import cost_of, price_per_hour
+from afina.training.distributed import (NoMetrics, Ranks, agreed_status, all_reduce_sum, barrier, current_ranks,
+                                        full_norm, gather_full_weights, gradient_sync, is_sharded,
+                                        micro_batches_per_rank, rank_share, restore_sharded_checkpoint,
+                                        restore_whole_into_shards, save_sharded_checkpoint, wrap_for_parallel)
 from afina.training.metrics import MetricsLog, plot_loss_curves
 from afina.training.objectives import rows_per_step, token_objective
 from afina.training.oom import MicroBatching, checkpointing_enabled, set_gradient_checkpointing
@@ -163,6 +168,8 @@ class Trainer:
     batching: MicroBatching
     total_steps: int
     hourly: float | None
+    ranks: Ranks = field(default_factory=Ranks)
+    loss: torch.nn.Module | None = None  # the DDP- or FSDP-wrapped loss under several processes
     step: int = 0
     resumed_from: int | None = None
     nonfinite_in_a_row: int = 0
@@ -195,7 +202,8 @@ def train(model, train_examples: list, validation_examples: list, config: Traini
     t = setup(model, train_examples, config, run_dir, pad_id, console or Console(), objective, paged_optimizer)
     status = "completed"
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=t.console, transient=False)
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=t.console, transient=False,
+                        disable=not t.ranks.main)
     with progress, StopRequest() as stop:
         task = progress.add_task("train", total=t.total_steps, completed=t.step, info="")
         while t.step < t.total_steps and status == "completed":
@@ -211,31 +219,51 @@ def train(model, train_examples: list, validation_examples: list, config: Traini
 
 def setup(model, train_examples: list, config: TrainingConfig, run_dir: Path, pad_id: int, console: Console,
           objective, paged_optimizer: bool) -> Trainer:
-    """Optimizer, schedule and state for `model`, restored from the newest intact checkpoint if any."""
+    """Optimizer, schedule and state for `model`, restored from the newest intact checkpoint if any.
+    Under several processes the model is wrapped for DDP or sharded for FSDP first."""
     objective = objective or token_objective(config.row_length, model_shares_prefixes(model))
+    ranks = current_ranks(config.parallel if config.parallel != "auto" else "ddp")
+    if not ranks.main:
+        console = Console(quiet=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
     autocast = autocast_for(resolve_precision(config.precision, accelerator.device), accelerator.device)
+    loss = None
+    if ranks.distributed:  # before the optimizer: FSDP replaces the parameters by their shards
+        loss, objective = wrap_for_parallel(model, objective, ranks, accelerator.device)
     trainable = trainable_parameters(model)
     optimizer = make_optimizer(trainable.values(), config.learning_rate, config.weight_decay, paged_optimizer)
     steps = total_steps(train_examples, config, objective)
     scheduler = make_scheduler(optimizer, steps, int(config.warmup_ratio * steps), config.schedule)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not ranks.distributed:
+        model, optimizer = accelerator.prepare(model, optimizer)
     checkpoints_dir = run_dir / "checkpoints"
     state = TrainState(rows_per_micro_batch=config.rows_per_batch, gradient_checkpointing=checkpointing_enabled(model))
     step, resumed_from = 0, None
     checkpoint = latest_checkpoint(checkpoints_dir)
     if checkpoint is not None:
-        restore_checkpoint(checkpoint, trainable, optimizer, scheduler)
+        restore(checkpoint, model, trainable, optimizer, scheduler, ranks)
         step, resumed_from, state = checkpoint.step, checkpoint.step, TrainState.restored(checkpoint.state, state)
         console.print(f"resuming from {checkpoint.path} (step {step})")
     batching = MicroBatching(state.rows_per_micro_batch, state.gradient_checkpointing)
     set_gradient_checkpointing(model, batching.gradient_checkpointing)
     model.train()
+    metrics = MetricsLog(run_dir) if ranks.main else NoMetrics(run_dir)
     return Trainer(model, objective, config, pad_id, accelerator, autocast, trainable, optimizer, scheduler,
-                   checkpoints_dir, MetricsLog(run_dir), console, state, batching, steps,
-                   price_per_hour(config.machine, config.price_per_hour), step, resumed_from,
+                   checkpoints_dir, metrics, console, state, batching, steps,
+                   price_per_hour(config.machine, config.price_per_hour), ranks, loss, step, resumed_from,
                    seconds_before=state.seconds)
+
+
+def restore(checkpoint, model, trainable: dict, optimizer, scheduler, ranks: Ranks) -> None:
+    """Put a checkpoint back, whatever the number of processes that wrote it: a sharded (FSDP) one
+    into the model as it is split now, a whole one as it is, or split into this run's shards."""
+    if is_sharded(checkpoint.path):
+        restore_sharded_checkpoint(checkpoint.path, model, optimizer, scheduler)
+    elif ranks.parallel == "fsdp":
+        restore_whole_into_shards(checkpoint.path, model, optimizer, scheduler, trainable)
+    else:
+        restore_checkpoint(checkpoint, trainable, optimizer, scheduler)
 
 
 def train_step(t: Trainer, rows: list, validation_examples: list, stop: StopRequest) -> tuple[str, str]:
@@ -268,7 +296,7 @@ def train_step(t: Trainer, rows: list, validation_examples: list, stop: StopRequ
                     elapsed=elapsed, tokens_per_second=rate, epoch=state.epoch, cost=cost)
     validating = bool(validation_examples) and (t.step % config.eval_every == 0 or t.step == t.total_steps)
     improved = validate(t, validation_examples) if validating else False
-    status = stop_reason(t, stop, cost, validating)
+    status = agreed_status(stop_reason(t, stop, cost, validating), t.ranks)
     if t.nonfinite_in_a_row == 0 and (t.step % config.save_every == 0 or t.step == t.total_steps or improved
                                       or status != "completed"):
         save(t)
@@ -282,29 +310,49 @@ def train_step(t: Trainer, rows: list, validation_examples: list, stop: StopRequ
 def forward_backward(t: Trainer, rows: list) -> tuple[float, float, int]:
     """Forward and backward over one optimizer step's items (rows, pairs, completions), gradients
     clipped; shrinks the micro-batch on out of memory and redoes the step with the same items.
-    Returns (loss, grad norm, tokens)."""
+    Under several processes, over this rank's share, divided by the count of the whole step.
+    Returns (loss, grad norm, tokens) of the whole step."""
+    ranks = t.ranks
     while True:
-        size = t.batching.rows_per_micro_batch
-        micro = [t.objective.collate(rows[i : i + size], t.pad_id).to(t.accelerator.device)
-                 for i in range(0, len(rows), size)]
-        step_count = sum(t.objective.count(b) for b in micro)
+        micro = micro_batches(t, rows)
+        step_count = all_reduce_sum(sum(t.objective.count(b) for b, weight in micro if weight), ranks)
         loss_total = 0.0
         try:
-            for batch in micro:
-                with t.autocast():
-                    loss = t.objective.loss_sum(t.model, batch) / step_count
-                t.accelerator.backward(loss)
-                loss_total += float(loss.detach())
+            for i, (batch, weight) in enumerate(micro):
+                with gradient_sync(t.loss, ranks, i == len(micro) - 1):
+                    with t.autocast():
+                        loss = t.objective.loss_sum(t.model, batch) / step_count
+                    # DDP and FSDP average gradients over ranks: x ranks makes their sum one device's
+                    t.accelerator.backward(loss * (weight * ranks.world))
+                loss_total += weight * float(loss.detach())
                 del loss
-            grad_norm = float(t.accelerator.clip_grad_norm_(list(t.trainable.values()), t.config.max_grad_norm))
-            return loss_total, grad_norm, sum(b.tokens for b in micro)
+            grad_norm = full_norm(t.accelerator.clip_grad_norm_(list(t.trainable.values()), t.config.max_grad_norm))
+            tokens = sum(b.tokens for b, weight in micro if weight)
+            return all_reduce_sum(loss_total, ranks), grad_norm, int(all_reduce_sum(tokens, ranks))
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
+            if ranks.distributed:  # the other ranks wait in this step's collectives: no redo alone
+                raise AfinaError("out_of_memory", f"rank {ranks.rank} ran out of memory", location="training",
+                                 hint="lower training.rows_per_batch (raising gradient_accumulation), turn on "
+                                      "method.gradient_checkpointing, or set training.parallel=fsdp") from error
             del micro
             t.optimizer.zero_grad(set_to_none=True)
             free_memory()
             shrink_micro_batches(t, len(rows), error)
+
+
+def micro_batches(t: Trainer, rows: list) -> list[tuple]:
+    """This rank's micro-batches of a step with their weights: 1 for its own items; 0 for the copies
+    of the step's first item that let a rank short of items run as many micro-batches as the others."""
+    size = t.batching.rows_per_micro_batch
+    mine = rank_share(rows, t.ranks.rank, t.ranks.world)
+    micro = [(t.objective.collate(mine[i : i + size], t.pad_id).to(t.accelerator.device), 1)
+             for i in range(0, len(mine), size)]
+    if t.ranks.distributed:
+        missing = micro_batches_per_rank(len(rows), t.ranks.world, size) - len(micro)
+        micro += [(t.objective.collate(rows[:1], t.pad_id).to(t.accelerator.device), 0)] * missing
+    return micro
 
 
 def shrink_micro_batches(t: Trainer, rows: int, error: BaseException) -> None:
@@ -355,11 +403,17 @@ def stop_reason(t: Trainer, stop: StopRequest, cost: float, validated: bool) -> 
 
 
 def save(t: Trainer) -> None:
-    """An atomic checkpoint of this step, keeping the best one besides the newest."""
+    """An atomic checkpoint of this step, keeping the best one besides the newest: under FSDP every
+    rank writes its shards; under DDP rank 0 writes the (identical) weights while the others wait."""
     best = t.checkpoints_dir / f"step-{t.state.best_step:07d}" if t.state.best_step else None
     try:
-        save_checkpoint(t.checkpoints_dir, t.step, t.trainable, t.optimizer, t.scheduler, asdict(t.state),
-                        t.config.keep_checkpoints, keep_also=best)
+        if t.ranks.parallel == "fsdp":
+            save_sharded_checkpoint(t.checkpoints_dir, t.step, t.model, t.optimizer, t.scheduler, asdict(t.state),
+                                    t.config.keep_checkpoints, t.ranks, keep_also=best)
+        elif t.ranks.main:
+            save_checkpoint(t.checkpoints_dir, t.step, t.trainable, t.optimizer, t.scheduler, asdict(t.state),
+                            t.config.keep_checkpoints, keep_also=best)
+        barrier(t.ranks)
     except OSError as error:  # the staging directory is gone; the previous checkpoint still stands
         code = "disk_full" if error.errno == errno.ENOSPC else "checkpoint_write_failed"
         raise AfinaError(code, f"writing the step-{t.step} checkpoint failed: {error.strerror or error}",
@@ -368,12 +422,20 @@ def save(t: Trainer) -> None:
 
 
 def finish(t: Trainer, status: str, run_dir: Path) -> TrainResult:
-    """Close the metrics, plot the loss curves, put the best weights back after early stopping."""
+    """Close the metrics, plot the loss curves, put the best weights back after early stopping;
+    under FSDP, gather the shards into whole weights on rank 0."""
     t.metrics.close()
-    plot_loss_curves(t.metrics.path, run_dir / "loss.png")
+    if t.ranks.main:
+        plot_loss_curves(t.metrics.path, run_dir / "loss.png")
     state = t.state
     if status == "early_stopped":  # the run returns its best weights, not the ones it ended with
-        restore_weights(t.checkpoints_dir / f"step-{state.best_step:07d}", t.trainable)
+        best = t.checkpoints_dir / f"step-{state.best_step:07d}"
+        if is_sharded(best):
+            restore_sharded_checkpoint(best, t.model, t.optimizer, t.scheduler)
+        else:
+            restore_weights(best, t.trainable)
+    if t.ranks.parallel == "fsdp":
+        gather_full_weights(t.model, t.ranks)
     seconds = time.perf_counter() - t.started
     return TrainResult(t.step, state.train_loss, t.validation_loss, state.tokens,
                        t.session_tokens / max(seconds, 1e-9), seconds, t.resumed_from, status, state.best_step,

@@ -1,0 +1,355 @@
+"""Training on several devices and machines, on PyTorch's own distributed engine.
+
+    afina train config.yaml --devices 2                        # one machine: afina starts torchrun itself
+    torchrun --nproc-per-node 8 --nnodes 2 --rdzv-endpoint head:29500 -m afina train config.yaml
+
+Every process runs the one training loop (`afina.training.loop`) on the same examples. What changes:
+
+    each optimizer step's items are dealt to the ranks (`rank_share`): together they are exactly the
+        items one device would take, so the global batch and the epoch are the same, and every
+        example is seen once per epoch
+    the loss of each rank is its loss sum / the count of the WHOLE step (all-reduced), times the
+        number of ranks, since DDP and FSDP average gradients: the sum over ranks is one device's loss
+    every rank runs the same number of micro-batches (a rank short of items runs a zero-weighted
+        copy of one): FSDP gathers weights at each forward, which every rank must join
+    ddp: `DistributedDataParallel` on the model's loss; every rank holds the whole model
+    fsdp: `fully_shard` on each decoder layer, then on the whole: weights (a LoRA's frozen base
+        too), gradients and optimizer state are split across ranks; checkpoints are
+        `torch.distributed.checkpoint` shards (`save_sharded_checkpoint`), readable on any number
+        of processes, and the weights are gathered into one model at the end (`gather_full_weights`)
+    only rank 0 prints, writes metrics and checkpoints; a signal on any rank stops every rank after
+        the same step (`agree`), with one checkpoint
+
+`training.parallel: auto` picks DDP when the estimate says the run fits one device, FSDP otherwise.
+On CPU the backend is gloo (what the tests run), on CUDA NCCL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from afina.errors import AfinaError
+from afina.training.checkpoints import CHECKPOINT, _fsync_dir, list_checkpoints, sha256
+
+SHARDED_MARKER = ".metadata"  # the file `torch.distributed.checkpoint` writes beside its shards
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Which process this is among how many, and how the model is split across them."""
+
+    rank: int = 0
+    world: int = 1
+    parallel: str = "single"  # single, ddp or fsdp
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def launched_world() -> int:
+    """The number of processes torchrun (or any launcher setting WORLD_SIZE) started."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_process_group() -> None:
+    """Join the processes torchrun started (gloo on CPU, NCCL on CUDA); nothing for one process."""
+    if launched_world() <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def current_ranks(parallel: str = "single") -> Ranks:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), parallel)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def choose_parallel(setting: str, world: int, fits_one_device: bool) -> str:
+    """single for one process; ddp or fsdp as set; auto: ddp when the run fits one device, else fsdp."""
+    if world <= 1:
+        return "single"
+    if setting == "auto":
+        return "ddp" if fits_one_device else "fsdp"
+    return setting
+
+
+def rank_share(items: list, rank: int, world: int) -> list:
+    """This rank's items of one optimizer step: every `world`-th, starting at `rank`. The shares of all
+    ranks are disjoint and together are the step."""
+    return items[rank::world]
+
+
+def micro_batches_per_rank(items: int, world: int, rows_per_micro_batch: int) -> int:
+    """Micro-batches every rank runs for a step of `items`: those of the largest share (rank 0's)."""
+    return max(1, math.ceil(math.ceil(items / world) / rows_per_micro_batch))
+
+
+class ObjectiveLoss(nn.Module):
+    """The objective's loss as a module's forward, so DDP and FSDP see it: afina's loss runs the
+    model's body and output projection itself (fused cross-entropy), never the model's forward."""
+
+    def __init__(self, model: nn.Module, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch):
+        return self.objective.loss_sum(self.model, batch)
+
+
+class DistributedObjective:
+    """The run's objective with its loss computed through the wrapped `ObjectiveLoss`; everything
+    else (batching, counting) is the objective's own."""
+
+    def __init__(self, objective, loss: nn.Module):
+        self.objective = objective
+        self.loss = loss
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        return self.loss(batch)
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
+
+
+def wrap_for_parallel(model: nn.Module, objective, ranks: Ranks, device: torch.device):
+    """`model` wrapped for `ranks.parallel`, and the objective computing its loss through the wrap.
+    fsdp replaces the model's parameters by their shards: take trainable parameters afterwards."""
+    if ranks.parallel == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        loss = nn.parallel.DistributedDataParallel(ObjectiveLoss(model.to(device), objective), device_ids=ids,
+                                                   broadcast_buffers=False)
+    else:
+        loss = shard_model(ObjectiveLoss(model, objective), model, device)
+    return loss, DistributedObjective(objective, loss)
+
+
+def shard_model(loss: ObjectiveLoss, model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2: each decoder layer its own unit (its weights gathered only while it runs), the rest
+    (embeddings, final norm, output projection) in the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from afina.models.methods import decoder_layers
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(loss, mesh=mesh)
+
+
+def gradient_sync(loss: nn.Module, ranks: Ranks, sync: bool):
+    """A context in which backward averages gradients across ranks only when `sync` (the step's last
+    micro-batch): the others accumulate locally."""
+    if ranks.parallel == "ddp" and not sync:
+        return loss.no_sync()
+    if ranks.parallel == "fsdp":
+        loss.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def all_reduce_sum(value: float, ranks: Ranks) -> float:
+    if not ranks.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item())
+
+
+def agree(flag: bool, ranks: Ranks) -> bool:
+    """True on every rank when `flag` is True on any (a signal on one node stops them all at the same step)."""
+    if not ranks.distributed:
+        return flag
+    tensor = torch.tensor([int(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def agreed_status(status: str, ranks: Ranks) -> str:
+    """One status for every rank after a step: interrupted when a signal reached any rank, else rank
+    0's (time and cost budgets read its clock)."""
+    if not ranks.distributed:
+        return status
+    return "interrupted" if agree(status == "interrupted", ranks) else from_main(status, ranks)
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
+        dist.barrier()
+
+
+def from_main(value, ranks: Ranks | None = None):
+    """Rank 0's `value` on every rank (a run directory created by rank 0 only)."""
+    ranks = ranks or current_ranks()
+    if not ranks.distributed:
+        return value
+    box = [value if ranks.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class NoMetrics:
+    """What ranks other than 0 write metrics to: nothing."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+
+    def write(self, split: str, step: int, **values: float) -> None:
+        pass
+
+    def event(self, kind: str, step: int, message: str, **details) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def full_norm(norm: torch.Tensor) -> float:
+    """A gradient norm as a number: FSDP's, over sharded gradients, is a DTensor to gather first."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# --- sharded checkpoints --------------------------------------------------------------------------
+
+def is_sharded(path: Path) -> bool:
+    return (path / SHARDED_MARKER).is_file()
+
+
+def save_sharded_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict,
+                            keep: int, ranks: Ranks, keep_also: Path | None = None) -> Path:
+    """Every rank writes its shards of the trained weights and optimizer state into a staging
+    directory (`torch.distributed.checkpoint`); rank 0 then adds the schedule, RNG and loop state and
+    the manifest of every file's hash, and renames the directory into place: as atomic as
+    `afina.training.checkpoints.save_checkpoint`, and read back by `latest_checkpoint` alike."""
+    import torch.distributed.checkpoint as dcp
+
+    final, staging = directory / f"step-{step:07d}", directory / f".staging-step-{step:07d}"
+    if ranks.main:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    barrier(ranks)
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=staging)
+    barrier(ranks)
+    if ranks.main:
+        torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, staging / "schedule.pt")
+        (staging / "state.json").write_text(json.dumps({**state, "step": step}))
+        files = sorted(p for p in staging.iterdir())
+        for path in files:
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        (staging / "manifest.json").write_text(json.dumps({"step": step, "files": {p.name: sha256(p) for p in files}}))
+        _fsync_dir(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(directory)
+        for old in list_checkpoints(directory)[:-keep]:
+            if old != keep_also and CHECKPOINT.match(old.name):
+                shutil.rmtree(old)
+    barrier(ranks)
+    return final
+
+
+def sharded_state(model: nn.Module, optimizer) -> dict:
+    """The trained weights and the optimizer state, keyed by parameter name (shards under FSDP,
+    whole tensors otherwise): what DCP saves and loads, on any number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, moments = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": weights, "optimizer": moments}
+
+
+def restore_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> None:
+    """Load a sharded checkpoint into `model` and `optimizer` as they are split now (FSDP on any
+    number of ranks, or one whole model), then the schedule and RNG."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    saved = torch.load(path / "schedule.pt", weights_only=True)
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+
+
+def restore_whole_into_shards(path: Path, model: nn.Module, optimizer, scheduler, trainable: dict) -> None:
+    """A single-device or DDP checkpoint (whole tensors) resumed under FSDP: rank 0's copy split
+    into this run's shards, the optimizer state keyed by name as `set_optimizer_state_dict` wants."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights = load_file(path / "trainable.safetensors")
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    names = list(trainable)
+    moments = {"state": {names[i]: value for i, value in saved["optimizer"]["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in saved["optimizer"]["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=moments,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
+
+
+def gather_full_weights(model: nn.Module, ranks: Ranks) -> None:
+    """After FSDP training: every sharded parameter gathered, one at a time, into a whole tensor on
+    rank 0's CPU (other ranks keep an empty meta tensor), so rank 0 saves one ordinary safetensors
+    adapter or model. The model is then for saving only: its FSDP hooks would gather again."""
+    whole: dict[int, nn.Parameter] = {}
+    for owner_name, owner in list(model.named_modules()):
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if not hasattr(param, "full_tensor"):
+                continue
+            if id(param) not in whole:
+                tensor = param.detach().full_tensor()
+                tensor = tensor.cpu() if ranks.main else torch.empty_like(tensor, device="meta")
+                whole[id(param)] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+            setattr(owner, name, whole[id(param)])
+
+
+# --- launching ------------------------------------------------------------------------------------
+
+def launch_devices(devices: int, argv: list[str]) -> int:
+    """`afina train ... --devices N`: torchrun (`torch.distributed.run`) starts N processes of the
+    same command on this machine; returns their exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    if devices < 1:
+        raise AfinaError("bad_devices", f"--devices must be 1 or more, not {devices}", location="--devices")
+    command = ["--standalone", f"--nproc-per-node={devices}", "--no-python", sys.executable, "-c",
+               "from afina.cli import main; main()", *argv]
+    try:
+        torchrun(command)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except ChildFailedError as error:  # a rank failed and torchrun stopped the others
+        print(f"afina: a training process failed: {error}", file=sys.stderr)
+        return 1
+    return 0
