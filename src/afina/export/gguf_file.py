@@ -4,9 +4,13 @@ and tensor names), quantized by it (q8_0) or by llama.cpp itself (k-quants), rea
     write_gguf(merged, tokenizer, path, "q8_0")
     report = check_gguf_file(path, reference, conversations, max_new_tokens, eos, tokenizer)
 
-Llama architecture only: the weights are renamed to llama.cpp's names, q and k are permuted to its
-rotary layout, and the tokenizer goes in as a GPT-2 style BPE vocabulary with its merges, special
-tokens and chat template, so that no runtime needs anything but the file.
+Llama, Mistral and Qwen2 architectures, written as llama.cpp's own converter writes them: the weights
+renamed to llama.cpp's names (the `gguf` package's tensor-name maps); Llama and Mistral as
+llama.cpp's `llama` architecture, with q and k permuted to its rotary layout (Mistral's sliding
+window is not written: llama.cpp attends to the whole context, as for its own conversions); Qwen2 as
+`qwen2`, whose rotary layout is Hugging Face's, with its q/k/v biases. The tokenizer goes in as a
+GPT-2 style BPE vocabulary with its merges, pre-tokenizer, special tokens and chat template, so that
+no runtime needs anything but the file.
 """
 
 from __future__ import annotations
@@ -35,11 +39,21 @@ from afina.models.loading import read_gguf_metadata
 
 WRITTEN_BY_GGUF = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 """Quantizations the gguf package writes itself; any other llama.cpp file type goes through llama.cpp."""
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+"""Hugging Face model type -> llama.cpp architecture."""
+ROTARY_PERMUTED = ("llama",)
+"""llama.cpp architectures that rotate adjacent pairs (Hugging Face rotates the two halves of a head)."""
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
-    # llama.cpp's name for a byte-level BPE pre-tokenizer, from the shape of tokenizer.json's pre_tokenizer
+    # llama.cpp's name for a byte-level BPE pre-tokenizer (it ships the regular expressions), from the
+    # steps of tokenizer.json's pre_tokenizer (`pre_tokenizer_steps`)
     ("ByteLevel",): "gpt-2",
     ("Digits", "ByteLevel"): "smollm",
+    (f"Split {LLAMA3_SPLIT}", "ByteLevel without regex"): "llama-bpe",
+    (f"Split {QWEN2_SPLIT}", "ByteLevel without regex"): "qwen2",
 }
 
 
@@ -89,7 +103,7 @@ def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, quant: str) -> Path:
-    """Write `model` (merged, Llama) and `tokenizer` to `path` in `quant`."""
+    """Write `model` (merged; Llama, Mistral or Qwen2) and `tokenizer` to `path` in `quant`."""
     if quant not in WRITTEN_BY_GGUF:
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
             f16 = write_gguf(model, tokenizer, Path(scratch) / "f16.gguf", "f16")
@@ -105,7 +119,8 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     if rope.get("rope_type", "default") != "default":
         raise AfinaError("export_unsupported", f"rope scaling {rope['rope_type']!r} is not exported to GGUF yet",
                          location="model", hint="export --format safetensors")
-    writer = gguf.GGUFWriter(path, "llama")
+    arch = ARCHITECTURES[config.model_type]
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_name(model.name_or_path.rstrip("/").split("/")[-1] or "afina-export")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -121,7 +136,7 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, WRITTEN_BY_GGUF[quant]))
     add_tokenizer(writer, tokenizer, config.vocab_size)
-    add_tensors(writer, model, quant, heads, kv_heads)
+    add_tensors(writer, model, arch, quant, heads, kv_heads)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -129,10 +144,11 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     return path
 
 
-def add_tensors(writer, model: PreTrainedModel, quant: str, heads: int, kv_heads: int) -> None:
+def add_tensors(writer, model: PreTrainedModel, arch: str, quant: str, heads: int, kv_heads: int) -> None:
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    permute = arch in ROTARY_PERMUTED
     tied = model.config.tie_word_embeddings
     for name, tensor in model.state_dict().items():
         if "rotary_emb" in name or (tied and name == "lm_head.weight"):
@@ -142,9 +158,9 @@ def add_tensors(writer, model: PreTrainedModel, quant: str, heads: int, kv_heads
             raise AfinaError("export_unsupported", f"no llama.cpp name for the weight {name}", location="model",
                              hint="export --format safetensors")
         data = tensor.detach().to(torch.float32).cpu().numpy()
-        if name.endswith("q_proj.weight"):
+        if permute and ".q_proj." in name:  # weight, and bias where the model has one
             data = permute_rotary(data, heads)
-        elif name.endswith("k_proj.weight"):
+        elif permute and ".k_proj." in name:
             data = permute_rotary(data, kv_heads)
         add_tensor(writer, target, data, quant)
 
@@ -195,7 +211,7 @@ def add_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -
                           (tokenizer.eos_token_id, writer.add_eos_token_id),
                           (tokenizer.pad_token_id, writer.add_pad_token_id),
                           (tokenizer.unk_token_id, writer.add_unk_token_id)):
-        if token_id is not None:
+        if token_id is not None and token_id < vocab_size:  # not one the tokenizer adds beyond the model's vocabulary
             add(token_id)
     writer.add_add_bos_token(False)  # the chat template writes every special token the prompt needs
     writer.add_chat_template(tokenizer.chat_template)
@@ -203,15 +219,31 @@ def add_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -
 
 def pre_tokenizer_name(pre: dict | None) -> str:
     """llama.cpp's name for how text is split before BPE (it ships the regular expressions)."""
-    steps = pre.get("pretokenizers", [pre]) if pre else []
-    shape = tuple(step.get("type") for step in steps)
-    ok = all(step.get("use_regex", True) for step in steps if step.get("type") == "ByteLevel") and all(
-        step.get("individual_digits", True) for step in steps if step.get("type") == "Digits")
-    if shape not in PRE_TOKENIZERS or not ok:
-        raise AfinaError("export_unsupported", f"the tokenizer's pre-tokenizer ({' + '.join(shape) or 'none'}) has "
-                         "no llama.cpp equivalent afina knows", location="tokenizer",
+    steps = pre_tokenizer_steps(pre)
+    if steps not in PRE_TOKENIZERS:
+        shown = " + ".join(step.split(" ")[0] for step in steps) or "none"
+        raise AfinaError("export_unsupported", f"the tokenizer's pre-tokenizer ({shown}) has no llama.cpp "
+                         "equivalent afina knows", location="tokenizer",
                          hint="export --format safetensors, and convert it with llama.cpp's convert_hf_to_gguf.py")
-    return PRE_TOKENIZERS[shape]
+    return PRE_TOKENIZERS[steps]
+
+
+def pre_tokenizer_steps(pre: dict | None) -> tuple[str, ...]:
+    """tokenizer.json's pre_tokenizer as the steps that decide how it splits: a Split step with its
+    regular expression, ByteLevel with or without GPT-2's own, Digits one by one or grouped."""
+    steps = []
+    for step in pre.get("pretokenizers", [pre]) if pre else []:
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            steps.append(kind if step.get("use_regex", True) else "ByteLevel without regex")
+        elif kind == "Digits":
+            steps.append(kind if step.get("individual_digits", True) else "Digits grouped")
+        elif kind == "Split":
+            steps.append(f"Split {step.get('pattern', {}).get('Regex')}"
+                         + ("" if step.get("behavior") == "Isolated" and not step.get("invert") else " (not isolated)"))
+        else:
+            steps.append(str(kind))
+    return tuple(steps)
 
 
 @contextlib.contextmanager
