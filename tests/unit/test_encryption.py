@@ -62,7 +62,7 @@ def test_round_trip_at_every_chunk_boundary(tmp_path, size):
     path = tmp_path / "file"
     path.write_bytes(sealed(plain, key))
     assert is_encrypted(path)
-    assert plain not in path.read_bytes()[HEADER.size:] or size == 0
+    assert size < 8 or plain not in path.read_bytes()  # (a byte or two may occur in any ciphertext)
     assert read_bytes(path, key) == plain
 
 

@@ -19,6 +19,7 @@ def merge_command(run: Path = typer.Argument(..., help="Run directory from `afin
     from afina.pipeline.prepare import quiet_libraries
     from afina.pipeline.run_dir import load_run_config
     from afina.pipeline.stages import load_tuned_model
+    from afina.security.encryption import encrypt_tree
 
     quiet_libraries()
     config = load_run_config(run)
@@ -26,4 +27,5 @@ def merge_command(run: Path = typer.Argument(..., help="Run directory from `afin
     target = out or models_cache_dir() / f"{run.name}-merged"
     merged.save_pretrained(target)
     load_tokenizer(config.model).save_pretrained(target)
+    encrypt_tree(target)  # with a master key, kept encrypted like the adapter it comes from
     console.print(f"merged model: {target}")

@@ -5,7 +5,8 @@
     token, chat template, the run's task metric) -> model card -> rename into place
 
 A failed round trip leaves nothing at the destination: an export that answers wrongly is never
-where a deployment would pick it up.
+where a deployment would pick it up. With a master key every file of the export is encrypted
+(`afina.security.encryption`) before the rename; afina loads it as it is.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from afina.export.roundtrip import (
 )
 from afina.export.source import ExportSource, resolve_source
 from afina.paths import afina_home
+from afina.security.encryption import encrypt_tree
 
 FORMATS = ("safetensors", "gguf")
 EXACT = ("f32", "f16", "bf16")
@@ -114,6 +116,7 @@ def export_model(target: str, export_format: str, quant: str | None = None, out:
             score_task(check, [row.reference_answer() or "" for row in rows], task_metric(source))
             require_agreement(check, quant, min_agreement, artifact)
         write_record(staging, source, export_format, quant, check)
+        encrypt_tree(staging)  # with a master key, kept encrypted like the run it comes from
         if destination.exists():
             destination.rmdir()  # empty, checked above
         os.replace(staging, destination)

@@ -5,7 +5,8 @@
 The bytes go to a temporary file beside their final place, hashed and size-checked as they stream
 in; a file that is too large or invalid is deleted before anything is recorded, and the store's
 row is written only once the bytes are in place. The same content uploaded twice is kept once
-(`AFINA_HOME/files/SHA256.EXT`).
+(`AFINA_HOME/files/SHA256.EXT`). With a master key the file is encrypted (`afina.security.encryption`)
+once checked and before it is renamed into place; readers decrypt it (`read_bytes`, `decrypted_copy`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from afina.data.validate import check_file
 from afina.errors import AfinaError
 from afina.paths import afina_home
+from afina.security.encryption import encrypt_file, read_bytes
 from afina.security.permissions import Principal
 from afina.store import Store, StoredFile
 
@@ -60,6 +62,7 @@ async def save_upload(store: Store, chunks: AsyncIterator[bytes], *, filename: s
                 digest.update(chunk)
                 out.write(chunk)
         report = validation_report(temporary, filename)
+        encrypt_file(temporary)  # with a master key, before it takes its place: never kept in the clear
         final = directory / f"{digest.hexdigest()}{suffix}"
         existed = final.exists()
         os.replace(temporary, final)  # the same content is the same bytes: replacing is harmless
@@ -88,3 +91,8 @@ def validation_report(path: Path, filename: str) -> dict:
 def delete_stored_bytes(path: str) -> None:
     """Remove a deleted file's bytes (when nothing else needs them)."""
     Path(path).unlink(missing_ok=True)
+
+
+def read_stored_bytes(path: str) -> bytes:
+    """A kept file's content as it was uploaded (decrypted in memory when it is kept encrypted)."""
+    return read_bytes(path)

@@ -14,6 +14,9 @@ Only what was trained is written, in safetensors, with `afina_method.json` namin
 
 The base itself is never copied: `load_trained` takes it freshly loaded and rebuilds the tuned model
 so that its logits are exactly those of the trained model (same base dtype and device).
+
+With a master key the directory is encrypted (`afina.security.encryption`) once the run has written
+it; `check_trained` and `load_trained` read it either way, decrypting into a private temporary copy.
 """
 
 from __future__ import annotations
@@ -31,8 +34,20 @@ from transformers import PreTrainedModel
 from afina.config.methods import AnyMethod, FreezeMethod, Method
 from afina.errors import AfinaError
 from afina.models.loading import refuse_pickled_weights
-from afina.models.methods import (attach_modules, attached_module, freeze_targets,
-                                   is_quantized, repair_prompt_learning_generation, unwrap)
+from afina.models.methods import (
+    attach_modules,
+    attached_module,
+    freeze_targets,
+    is_quantized,
+    repair_prompt_learning_generation,
+    unwrap,
+)
+from afina.security.encryption import (
+    decrypted_copy,
+    is_encrypted,
+    plain_chunks,
+    read_bytes,
+)
 
 METHOD_FILE = "afina_method.json"
 WEIGHTS_FILE = "trained.safetensors"
@@ -74,7 +89,7 @@ def read_method(directory: Path) -> AnyMethod | None:
         raise AfinaError("artifact_not_found", "no trained weights here (afina_method.json is missing)",
                          location=str(directory))
     try:
-        return TypeAdapter(Method).validate_python(json.loads(path.read_text())["method"])
+        return TypeAdapter(Method).validate_python(json.loads(read_bytes(path))["method"])
     except (ValueError, KeyError, ValidationError) as exc:
         raise AfinaError("artifact_invalid", f"cannot read the recorded method: {exc}", location=str(path)) from None
 
@@ -97,13 +112,12 @@ def check_safetensors(path: Path) -> None:
     (a truncated or padded file fails); reads the header only."""
     if not path.is_file():
         raise AfinaError("artifact_not_found", "the trained weights file is missing", location=str(path))
-    size = path.stat().st_size
+    size, head = safetensors_head(path)
     try:
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if size < 8 or length > size - 8:
-                raise ValueError(f"the header claims {length} bytes of a {size}-byte file")
-            header = json.loads(handle.read(length))
+        length = int.from_bytes(head[:8], "little")
+        if size < 8 or length > size - 8:
+            raise ValueError(f"the header claims {length} bytes of a {size}-byte file")
+        header = json.loads(head[8:8 + length])
         end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
         raise AfinaError("artifact_invalid", f"not a readable safetensors file: {exc}", location=str(path),
@@ -111,6 +125,22 @@ def check_safetensors(path: Path) -> None:
     if 8 + length + end != size:
         raise AfinaError("artifact_invalid", f"the file holds {size} bytes, its header describes {8 + length + end} "
                          "(truncated?)", location=str(path), hint="the file is damaged; train the run again")
+
+
+def safetensors_head(path: Path) -> tuple[int, bytes]:
+    """The plain size of a safetensors file and its first bytes, through its header. An encrypted
+    file is decrypted as a stream (every chunk authenticated), never whole in memory."""
+    if not is_encrypted(path):
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            handle.seek(0)
+            return path.stat().st_size, handle.read(8 + min(length, path.stat().st_size))
+    size, head = 0, b""
+    for chunk in plain_chunks(path):
+        size += len(chunk)
+        if len(head) < 8 or len(head) < 8 + int.from_bytes(head[:8], "little"):
+            head += chunk
+    return size, head
 
 
 def load_trained(base_model: PreTrainedModel, directory: str | Path) -> nn.Module:
@@ -122,15 +152,16 @@ def load_trained(base_model: PreTrainedModel, directory: str | Path) -> nn.Modul
     directory = Path(directory)
     refuse_pickled_weights(directory, str(directory))  # never unpickle: it can run code
     method = read_method(directory)
-    if method is None or method.kind == "peft":
-        model = PeftModel.from_pretrained(base_model, directory)
-        repair_prompt_learning_generation(model)
-    elif method.kind == "weights":
-        copy_into_parameters(base_model, read_weights(base_model, directory), directory)
-        model = base_model
-    else:
-        model = attach_modules(base_model, method)
-        attached_module(model).load_state_dict(read_weights(base_model, directory))
+    with decrypted_copy(directory) as plain:  # PEFT opens the files itself; the copy is gone once they are read
+        if method is None or method.kind == "peft":
+            model = PeftModel.from_pretrained(base_model, plain)
+            repair_prompt_learning_generation(model)
+        elif method.kind == "weights":
+            copy_into_parameters(base_model, read_weights(base_model, plain), directory)
+            model = base_model
+        else:
+            model = attach_modules(base_model, method)
+            attached_module(model).load_state_dict(read_weights(base_model, plain))
     model.requires_grad_(False)  # PEFT leaves loaded prompt encoders trainable
     return model
 

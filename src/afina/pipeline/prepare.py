@@ -25,6 +25,7 @@ from afina.devices import resolve_precision
 from afina.errors import AfinaError, render_warning
 from afina.models.loading import check_model_available, load_tokenizer
 from afina.models.methods import check_method_supported
+from afina.security.encryption import decrypted_copy
 from afina.training.auto import resolve_auto
 from afina.training.cost import load_price_table, price_per_hour
 from afina.training.objectives import CptObjective, SftObjective, objective_for
@@ -163,8 +164,17 @@ def tokenize_split(records: list[Record], tokenizer, config: RunConfig, path: st
 
 def read_data(path: Path, config: RunConfig) -> DataReport:
     """A data file's valid rows, with `data.mask_pii` its personal data replaced by typed placeholders
-    (`afina.data.pii`) before anything else sees them: splits, tokens, checkpoints, the store."""
-    report = load_records(path, skip_invalid=config.data.skip_invalid)
+    (`afina.data.pii`) before anything else sees them: splits, tokens, checkpoints, the store. An
+    encrypted file (an upload kept by `afina server`) is read from a private decrypted copy."""
+    with decrypted_copy(path) as plain:
+        try:
+            report = load_records(plain, skip_invalid=config.data.skip_invalid)
+        except AfinaError as error:
+            if plain != path and error.location:  # name the file the user knows, not the private copy
+                error = AfinaError(error.code, error.message, error.location.replace(str(plain), str(path)),
+                                   error.hint)
+            raise error from None
+    report.path = str(path)
     if config.data.mask_pii:
         report.records = [mask_record(record) for record in report.records]
     return report

@@ -1,7 +1,7 @@
 """The run directory: where a run's inputs, checkpoints, trained weights and reports live.
 
     RUN/config.json             the validated config, every field spelled out
-    RUN/{train,validation,test}.jsonl   the splits, as normalized records
+    RUN/{train,validation,test}.jsonl   the splits, as normalized records (encrypted with a master key)
     RUN/data_report.json        rows read and skipped, formats, duplicates, split sizes
     RUN/checkpoints/            atomic checkpoints (`afina.training.checkpoints`)
     RUN/adapter/                what the method trained, and the tokenizer
@@ -31,6 +31,7 @@ from afina.errors import AfinaError
 from afina.models.artifacts import check_trained
 from afina.paths import runs_dir
 from afina.pipeline.prepare import PreparedData
+from afina.security.encryption import read_bytes, write_bytes
 
 
 def free_run_path(name: str) -> Path:
@@ -86,9 +87,9 @@ def report_summary(report: DataReport, splits: dict[str, list[Record]]) -> dict:
 
 
 def write_records(path: Path, records: list[Record]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+    """The records as JSON lines, encrypted when a master key is set (`afina.security.encryption`)."""
+    lines = "".join(json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records)
+    write_bytes(path, lines.encode("utf-8"))
 
 
 def delete_trained(run_dir: Path) -> list[str]:
@@ -130,7 +131,7 @@ def read_split(run_dir: Path, name: str) -> list[Record]:
     if not path.is_file():
         raise AfinaError("run_damaged", f"the run's {name} split is missing", location=str(path))
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_bytes(path).decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise AfinaError("run_damaged", "the split is not UTF-8 text", location=str(path)) from None
     records = []

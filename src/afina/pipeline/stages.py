@@ -22,12 +22,14 @@ from afina.eval.compare import comparison_table, evaluate_objective
 from afina.models.artifacts import check_trained, load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
 from afina.models.methods import apply_method, base_model
+from afina.paths import check_afina_home
 from afina.pipeline.prepare import (PreparedData, general_units, prepare_data, quiet_libraries, read_data,
                                    tokenize_split, weights_dtype)
-from afina.paths import check_afina_home
 from afina.pipeline.run_dir import create_run_dir, load_run_config, read_split, save_run_config
+from afina.security.encryption import encrypt_tree, write_bytes
 from afina.training.allocator import missing_allocator_hint
 from afina.training.checkpoints import list_checkpoints
+from afina.training.distributed import from_main, is_main_process
 from afina.training.loop import TrainResult, train
 from afina.training.objectives import objective_for
 from afina.training.validation import evaluate_loss
@@ -55,7 +57,7 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
             save_run_config(resume_dir, config)
         return resume_dir, train_run(config, data, resume_dir, console)
     model = load_training_model(config, console)
-    run_dir = create_run_dir(config, data)
+    run_dir = from_main(create_run_dir(config, data) if is_main_process() else None)  # one for all processes
     try:
         return run_dir, train_run(config, data, run_dir, console, model)
     except BaseException:
@@ -109,9 +111,12 @@ def train_run(config: RunConfig, data: PreparedData, run_dir: Path, console: Con
     if result.status == "interrupted":
         console.print(f"interrupted at step {result.steps}; checkpoint saved. Resume with: afina train --resume {run_dir}")
         return result
+    if not is_main_process():  # under torchrun, rank 0 saves what every process trained
+        return result
     save_trained(model, config.method, run_dir / "adapter")
     objective.save_extras(model, run_dir / "adapter", config)
     data.tokenizer.save_pretrained(run_dir / "adapter")
+    encrypt_tree(run_dir / "adapter")  # with a master key: what was trained is kept encrypted
     notes = {"early_stopped": f"; stopped early, keeping the best step {result.best_step}",
              "time_limit": "; stopped at training.max_time_minutes",
              "cost_limit": "; stopped at training.max_cost",
@@ -164,7 +169,7 @@ def evaluate_run(run_dir: Path, console: Console, model=None, data_file: Path | 
                       tasks={task: {"base": b, "tuned": t} for task, (b, t) in results.items()})
     if general is not None:
         report["general"] = general_losses(config, model, tokenizer, *general)
-    target.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_bytes(target, json.dumps(report, indent=2, ensure_ascii=False).encode())  # holds test rows: encrypted
     for task, (base, tuned) in results.items():
         where = f"task {task}: " if task else ""
         title = f"{where}base vs tuned ({config.objective.name}) on {report['data']}"

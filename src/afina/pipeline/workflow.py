@@ -32,9 +32,11 @@ from afina.pipeline.notify import Notification, notify
 from afina.pipeline.prepare import PreparedData, resolve_data_path
 from afina.pipeline.run_dir import create_run_dir, delete_trained, load_run_config
 from afina.pipeline.stages import evaluate_run, load_training_model, prepare_run, train_run
+from afina.security.encryption import read_bytes
 from afina.store import Store
-from afina.training.objectives import objective_for
 from afina.training.checkpoints import sha256
+from afina.training.objectives import objective_for
+
 
 @dataclass
 class WorkflowResult:
@@ -136,7 +138,7 @@ def continue_workflow(flow: Workflow) -> WorkflowResult:
     except KeyboardInterrupt:  # a signal: the checkpoint is written, the run resumes from it
         return WorkflowResult(flow.run_id, flow.run_dir, "interrupted")
     flow.stage("evaluate", lambda: evaluate_stage(flow), done)
-    report = json.loads((flow.run_dir / "eval.json").read_text(encoding="utf-8"))
+    report = json.loads(read_bytes(flow.run_dir / "eval.json"))
     general = report.get("general")
     decision = decide(config.gate, gate_scores(report, "base"), gate_scores(report, "tuned"),
                       (general["base_loss"], general["tuned_loss"]) if general else None)

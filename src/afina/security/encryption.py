@@ -224,8 +224,29 @@ def read_bytes(path: str | Path, key: MasterKey | None = None) -> bytes:
         return b"".join(decrypt_stream(handle, path, key))
 
 
+def plain_chunks(path: str | Path, key: MasterKey | None = None) -> Iterator[bytes]:
+    """A file's plain content in blocks (each authenticated before it is yielded, when sealed),
+    without holding the whole file in memory."""
+    with open(path, "rb") as handle:
+        sealed = looks_sealed(handle.read(len(MAGIC)))
+        handle.seek(0)
+        if sealed:
+            yield from decrypt_stream(handle, path, key)
+        else:
+            yield from iter(lambda: handle.read(CHUNK_SIZE), b"")
+
+
 def read_text(path: str | Path, key: MasterKey | None = None) -> str:
     return read_bytes(path, key).decode("utf-8")
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict:
+    """A safetensors file's tensors: memory-mapped when plain, decrypted in memory when sealed."""
+    from safetensors.torch import load, load_file
+
+    if not is_encrypted(path):
+        return load_file(path, device=device)
+    return {name: tensor.to(device) for name, tensor in load(read_bytes(path)).items()}
 
 
 def decrypt_file(source: Path, target: Path, key: MasterKey | None = None) -> None:

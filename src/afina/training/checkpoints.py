@@ -3,12 +3,14 @@
 A checkpoint is written into a hidden staging directory, every file is fsynced and hashed into
 `manifest.json`, and only then is the directory renamed to `step-NNNNNNN`. A crash mid-write leaves
 a staging directory that is never read; a checkpoint whose files no longer match its manifest is
-skipped in favour of the previous one.
+skipped in favour of the previous one. With a master key every file but the manifest is encrypted
+(`afina.security.encryption`) before the rename, and decrypted in memory when restored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from afina.security.encryption import encrypt_tree, load_tensors, read_bytes
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
 
@@ -69,6 +73,7 @@ def _write_files(staging: Path, step: int, trainable: dict[str, torch.Tensor], o
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                staging / "optimizer.pt")
     (staging / "state.json").write_text(json.dumps({**state, "step": step}))
+    encrypt_tree(staging)  # with a master key; the manifest then hashes the files as they are on disk
     files = sorted(p for p in staging.iterdir())
     for path in files:
         with path.open("rb") as handle:
@@ -107,7 +112,7 @@ def latest_checkpoint(directory: Path) -> Checkpoint | None:
     """The newest checkpoint whose files match its manifest."""
     for path in reversed(list_checkpoints(directory)):
         if is_intact(path):
-            state = json.loads((path / "state.json").read_text())
+            state = json.loads(read_bytes(path / "state.json"))
             return Checkpoint(path, state["step"], state)
     return None
 
@@ -116,7 +121,7 @@ def restore_weights(path: Path | None, trainable: dict[str, torch.Tensor]) -> No
     """Copy a checkpoint's trained weights into the model (nothing to do without a checkpoint)."""
     if path is None:
         return
-    weights = load_file(path / "trainable.safetensors")
+    weights = load_tensors(path / "trainable.safetensors")
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(weights[name])
@@ -124,7 +129,7 @@ def restore_weights(path: Path | None, trainable: dict[str, torch.Tensor]) -> No
 
 def restore_checkpoint(checkpoint: Checkpoint, trainable: dict[str, torch.Tensor], optimizer, scheduler) -> None:
     restore_weights(checkpoint.path, trainable)
-    saved = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
+    saved = torch.load(io.BytesIO(read_bytes(checkpoint.path / "optimizer.pt")), weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])

@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from afina.config.schema import RunConfig
 from afina.data.preference import tokenize_completion
 from afina.data.tokenize import Example
 from afina.errors import AfinaError
-from afina.models.methods import unwrap
 from afina.models.logprobs import REWARD_HEAD, score_sequences
+from afina.models.methods import unwrap
+from afina.security.encryption import load_tensors
 
 HEAD_FILE = "reward_head.safetensors"
 INFO_FILE = "reward.json"
@@ -63,7 +64,7 @@ def load_reward_head(model: nn.Module, directory: Path) -> nn.Linear:
         raise AfinaError("artifact_not_found", "no reward head here: the run was not trained with objective: reward",
                          location=str(directory))
     head = attach_reward_head(model)
-    weight = load_file(path)["weight"]
+    weight = load_tensors(path)["weight"]  # decrypted in memory when the run is encrypted
     if weight.shape != head.weight.shape:
         raise AfinaError("artifact_mismatch", f"the reward head expects hidden size {weight.shape[1]}, the model has "
                          f"{head.weight.shape[1]}", location=str(path), hint="load the base model the run used")
