@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from afina.errors import AfinaError
-from afina.jobs.files import delete_stored_bytes, save_upload
+from afina.jobs.files import delete_stored_bytes, read_stored_bytes, save_upload
 from afina.jobs.keys import hash_api_key
 from afina.jobs.run_config import check_hyperparameters, check_method, check_suffix, job_config
 from afina.security.permissions import DEFAULT_PROJECT, Principal, check_project_name
@@ -183,7 +183,7 @@ def delete_file(file_id: str, store: StoreDep, caller: Caller, project: Project)
 @router.get("/files/{file_id}/content")
 def file_content(file_id: str, store: StoreDep, caller: Caller, project: Project) -> Response:
     stored = store.get_file(file_id, project=project, by=caller)
-    return Response(Path(stored.path).read_bytes(), media_type="application/octet-stream",
+    return Response(read_stored_bytes(stored.path), media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{stored.filename}"'})
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from afina.errors import AfinaError
+from afina.security.encryption import decrypted_copy, read_bytes
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def shares_base(source: ModelSource) -> bool:
     config_path = source.adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         return False
-    config = json.loads(config_path.read_text())
+    config = json.loads(read_bytes(config_path))
     return config.get("peft_type") == "LORA" and not config.get("use_dora")
 
 
@@ -163,10 +164,11 @@ def load_served_models(sources: list[ModelSource], device: torch.device | None =
             routes[source.name] = (shared[source.base], "")
             continue
         adapter = f"adapter{len(entry.adapters)}"
-        if isinstance(entry.model, PeftModel):
-            entry.model.load_adapter(str(source.adapter_dir), adapter_name=adapter)
-        else:
-            entry.model = PeftModel.from_pretrained(entry.model, str(source.adapter_dir), adapter_name=adapter)
+        with decrypted_copy(source.adapter_dir) as adapter_dir:  # a private copy when the run is encrypted
+            if isinstance(entry.model, PeftModel):
+                entry.model.load_adapter(str(adapter_dir), adapter_name=adapter)
+            else:
+                entry.model = PeftModel.from_pretrained(entry.model, str(adapter_dir), adapter_name=adapter)
         entry.model.eval()
         entry.adapters[source.name] = adapter
         routes[source.name] = (shared[source.base], adapter)
