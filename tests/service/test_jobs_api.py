@@ -10,6 +10,8 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2 as httpx
@@ -36,14 +38,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path, afina_home):
-    """A jobs server with one local worker on a SQLite store; its URL and a valid key."""
+@contextmanager
+def jobs_server(tmp_path, settings: JobsSettings) -> Iterator[tuple[str, str, object]]:
+    """A jobs server in a thread on a SQLite store: its URL, a valid key and the store."""
     store = open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
     key = new_api_key()
     store.create_api_key("tests", hash_api_key(key))
-    settings = JobsSettings(max_upload_bytes=MAX_UPLOAD, workers=1, poll_seconds=0.1, lease_seconds=30,
-                            check_seconds=0.05)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_jobs_app(store, settings), host="127.0.0.1", port=port,
                                        log_level="warning"))
@@ -52,10 +52,21 @@ def server(tmp_path, afina_home):
     deadline = time.monotonic() + 20
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", key, store
-    uv.should_exit = True
-    thread.join(10)
-    store.close()
+    try:
+        yield f"http://127.0.0.1:{port}", key, store
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        store.close()
+
+
+@pytest.fixture
+def server(tmp_path, afina_home):
+    """A jobs server with one local worker; its URL, a valid key and the store."""
+    settings = JobsSettings(max_upload_bytes=MAX_UPLOAD, workers=1, poll_seconds=0.1, lease_seconds=30,
+                            check_seconds=0.05)
+    with jobs_server(tmp_path, settings) as running:
+        yield running
 
 
 @pytest.fixture

@@ -22,8 +22,6 @@ run, its gate decision and the registered model out.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,7 +36,13 @@ from starlette.exceptions import HTTPException
 from afina.errors import AfinaError
 from afina.jobs.files import delete_stored_bytes, read_stored_bytes, save_upload
 from afina.jobs.keys import hash_api_key
-from afina.jobs.run_config import check_hyperparameters, check_method, check_suffix, job_config
+from afina.jobs.multipart import StreamedForm
+from afina.jobs.run_config import (
+    check_hyperparameters,
+    check_method,
+    check_suffix,
+    job_config,
+)
 from afina.security.permissions import DEFAULT_PROJECT, Principal, check_project_name
 from afina.service.schemas import ApiError
 from afina.store import Job, JobEvent, Model, Store, StoredFile
@@ -55,6 +59,7 @@ class JobsSettings:
     workers: int = 0  # worker threads in the server process; 0: workers run elsewhere (`afina worker`)
     lease_seconds: float = 60.0
     poll_seconds: float = 2.0
+    check_seconds: float = 1.0  # how often a running job's worker looks whether it was cancelled
 
 
 def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_job=None) -> FastAPI:
@@ -67,7 +72,8 @@ def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_j
 
         stop = threading.Event()
         threads = start_worker_threads(store, settings.workers, stop, run_job=run_job or run_workflow_job,
-                                       lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds)
+                                       lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
+                                       check_seconds=settings.check_seconds)
         yield
         stop.set()
         for thread in threads:
@@ -145,20 +151,25 @@ Project = Annotated[str, Depends(request_project)]
 async def upload_file(request: Request, store: StoreDep, caller: Caller, project: Project) -> dict:
     store.check_permission(caller, "upload_data", project)  # before reading the body
     settings: JobsSettings = request.app.state.settings
-    form = await read_multipart(request, settings.max_upload_bytes)
-    if form.get("purpose", (None, b""))[1].decode() != "fine-tune":
-        raise ApiError(400, "purpose must be fine-tune", param="purpose", code="invalid_purpose")
-    if "file" not in form or form["file"][0] is None:
-        raise ApiError(400, "a file is required (multipart field `file`)", param="file", code="missing_file")
-    filename, content = form["file"]
+    refuse_larger_than(request, settings.max_upload_bytes + FORM_ROOM)  # a declared length: 413 before reading
+    form = StreamedForm(request.headers.get("content-type"), request.stream())
+    filename = await form.file_name()  # the form is read up to the file's bytes
+    if form.field("purpose") is not None:  # sent before the file, as clients do: checked before its bytes
+        check_purpose(form)
 
-    async def chunks() -> AsyncIterator[bytes]:
-        for start in range(0, len(content), 2**20):
-            yield content[start:start + 2**20]
+    async def file_then_purpose() -> AsyncIterator[bytes]:
+        async for chunk in form.file_chunks():  # to disk as they arrive; 413 once past the limit
+            yield chunk
+        check_purpose(form)  # the whole form is read: before anything is kept
 
-    stored = await save_upload(store, chunks(), filename=Path(filename).name, purpose="fine-tune",
+    stored = await save_upload(store, file_then_purpose(), filename=filename, purpose="fine-tune",
                                max_bytes=settings.max_upload_bytes, project=project, by=caller)
     return file_object(stored)
+
+
+def check_purpose(form: StreamedForm) -> None:
+    if form.field("purpose") != "fine-tune":
+        raise ApiError(400, "purpose must be fine-tune", param="purpose", code="invalid_purpose")
 
 
 @router.get("/files")
@@ -333,10 +344,18 @@ def audit_events(store: StoreDep, caller: Caller, user: str | None = None, actio
 # request bodies
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (before it is all read)."""
+FORM_ROOM = 64 * 2**10  # an upload's form beside the file's bytes: boundaries, headers, purpose
+
+
+def refuse_larger_than(request: Request, limit: int) -> None:
+    """413 for a request whose declared length (Content-Length) is past `limit`, before reading it."""
     if int(request.headers.get("content-length") or 0) > limit:
         raise ApiError(413, f"the request is larger than {limit} bytes", code="file_too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (before it is all read)."""
+    refuse_larger_than(request, limit)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -356,24 +375,6 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return body
-
-
-async def read_multipart(request: Request, max_file_bytes: int) -> dict[str, tuple[str | None, bytes]]:
-    """A multipart/form-data body as field -> (filename or None, bytes)."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise ApiError(400, "upload files as multipart/form-data", param="file", code="invalid_content_type")
-    raw = await read_body(request, max_file_bytes + 64 * 2**10)  # room for the form's other fields
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
-    if not message.is_multipart():
-        raise ApiError(400, "not a multipart/form-data body", param="file", code="invalid_content_type")
-    fields = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if name:
-            fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
-    return fields
 
 
 # response objects
