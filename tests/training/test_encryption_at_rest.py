@@ -168,3 +168,42 @@ def test_resume_from_an_encrypted_checkpoint_matches_an_uninterrupted_run(tiny_m
     assert result.status == "completed" and result.resumed_from == 4
     for (name, a), (_, b) in zip(trainable_parameters(straight).items(), trainable_parameters(resumed).items()):
         assert torch.equal(a, b), name
+
+
+def test_a_job_through_the_api_keeps_uploads_and_runs_encrypted(tiny_model_dir, ticket_rows, tmp_path, afina_home,
+                                                                 master_key_hex):
+    import openai
+
+    from afina.jobs.files import files_dir
+    from afina.service.jobs_api import JobsSettings
+    from tests.service.test_jobs_api import RUN, jobs_server, jsonl, wait_for_status
+
+    body = jsonl(planted_rows(ticket_rows))
+    settings = JobsSettings(max_upload_bytes=2**20, workers=1, poll_seconds=0.1, lease_seconds=30)
+    with jobs_server(tmp_path, settings) as (url, key, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        uploaded = client.files.create(file=("contracts.jsonl", body), purpose="fine-tune")
+        (stored,) = files_dir().iterdir()
+        assert is_encrypted(stored) and client.files.content(uploaded.id).read() == body
+        job = client.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=uploaded.id,
+                                             extra_body={"afina": {**RUN, "data": {"mask_pii": True}}})
+        done = wait_for_status(client, job.id, {"succeeded", "failed", "cancelled"})
+        assert done.status == "succeeded", done.error
+    assert leaks_in_files(afina_home) == []
+    assert leaks_in_database(tmp_path / "jobs.db") == []
+
+
+def test_an_export_is_kept_encrypted_and_loads_with_the_key(tiny_model_dir, ticket_rows, tmp_path, afina_home,
+                                                            master_key_hex):
+    from afina.export.export import export_model
+    from afina.models.loading import load_model, load_tokenizer
+
+    result = CliRunner().invoke(app, ["run", str(write_config(tmp_path, tiny_model_dir, planted_rows(ticket_rows)))])
+    assert result.exit_code == 0, result.output
+    run = next((afina_home / "runs").iterdir())
+    exported = export_model(str(run), "safetensors", prompts=2)
+    files = [p for p in exported.directory.rglob("*") if p.is_file()]
+    assert files and all(is_encrypted(p) for p in files)
+    assert leaks_in_files(afina_home) == []
+    model = load_model(str(exported.directory))
+    assert model.name_or_path == str(exported.directory) and load_tokenizer(str(exported.directory)) is not None
