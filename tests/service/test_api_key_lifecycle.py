@@ -39,7 +39,7 @@ def store(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("AFINA_DATABASE_URL", url)
     with open_store(url) as opened:
-        opened.add_user("root", role="admin")
+        opened.add_user("ada", role="admin")
         opened.add_user("maria", role="engineer")
         yield opened
 
@@ -51,7 +51,7 @@ def status(store, key: str) -> int:
 
 def test_a_key_is_shown_once_stored_hashed_and_acts_as_its_owner(store, tmp_path):
     result = CliRunner().invoke(cli, ["keys", "create", "laptop", "--owner", "maria", "--expires-in", "30d"],
-                                env={"AFINA_USER": "root"})
+                                env={"AFINA_USER": "ada"})
     assert result.exit_code == 0, result.output
     key = result.stdout.strip()
     assert key.startswith("afn-") and len(key) > 40 and key != new_api_key()
@@ -61,20 +61,20 @@ def test_a_key_is_shown_once_stored_hashed_and_acts_as_its_owner(store, tmp_path
     found, principal = store.principal_for_key(hash_api_key(key))
     assert (found.user, principal.user, dict(principal.roles)) == ("maria", "maria", {"default": "engineer"})
     assert timedelta(days=29.9) < found.expires_at - utcnow() <= timedelta(days=30)
-    listed = CliRunner().invoke(cli, ["keys", "list"], env={"AFINA_USER": "root"})
+    listed = CliRunner().invoke(cli, ["keys", "list"], env={"AFINA_USER": "ada"})
     assert "maria" in listed.stdout and "live" in listed.stdout and key not in listed.stdout
 
 
 def test_a_revoked_key_gets_401(store):
     key = new_api_key()
-    store.create_api_key("ci", hash_api_key(key), user="maria")
+    store.create_api_key("ci", hash_api_key(key), user="maria", by=store.principal("ada"))
     assert status(store, key) == 200
-    result = CliRunner().invoke(cli, ["keys", "revoke", "ci"], env={"AFINA_USER": "root"})
+    result = CliRunner().invoke(cli, ["keys", "revoke", "ci"], env={"AFINA_USER": "ada"})
     assert result.exit_code == 0, result.output
     assert status(store, key) == 401
     assert [k.state(utcnow()) for k in store.list_api_keys()] == ["revoked"]
     kinds = [(e.kind, e.actor) for e in store.events() if e.kind.startswith("api_key")]
-    assert kinds == [("api_key_created", "root"), ("api_key_revoked", "root")]
+    assert kinds == [("api_key_created", "ada"), ("api_key_revoked", "ada")]
 
 
 def test_an_expired_key_gets_401(store):
@@ -89,14 +89,14 @@ def test_an_expired_key_gets_401(store):
 def test_removing_a_user_ends_their_keys(store):
     key = new_api_key()
     store.create_api_key("laptop", hash_api_key(key), user="maria")
-    store.remove_user("maria", by=store.principal("root"))
+    store.remove_user("maria", by=store.principal("ada"))
     assert status(store, key) == 401
     assert store.principal_for_key(hash_api_key(key)) is None
     with pytest.raises(AfinaError) as raised:
         store.principal("maria")
     assert raised.value.code == "user_not_found"
     with pytest.raises(AfinaError) as raised:
-        store.remove_user("root")
+        store.remove_user("ada")
     assert raised.value.code == "last_admin"
 
 

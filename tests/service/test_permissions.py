@@ -53,7 +53,7 @@ class World:
 
     def __init__(self, url: str):
         self.store = open_store(url)
-        self.store.add_user("root", role="admin")
+        self.store.add_user("ada", role="admin")
         self.keys = {}
         for role in ROLES:
             self.store.add_user(f"{role}-user", role=role)
@@ -202,3 +202,18 @@ def test_roles_are_scoped_to_projects(world):
     assert world.store.get_file(uploaded.json()["id"]).project == "legal"
     event = world.store.events(action="file_uploaded")[-1]
     assert (event.actor, event.details["project"], event.details["outcome"]) == ("lena", "legal", "succeeded")
+
+
+def test_the_audit_list_filters_by_user_action_resource_and_time(world):
+    admin = world.store.principal("ada")
+    world.store.promote("tickets", "production", by=admin)
+    world.store.add_user("newbie", role="viewer", by=admin)
+    run = lambda *args: CliRunner().invoke(cli, ["audit", "list", *args], env={"AFINA_USER": "ada", "COLUMNS": "300"})  # noqa: E731
+    by_root = run("--user", "ada", "--action", "user_added")
+    assert by_root.exit_code == 0 and "newbie" in by_root.stdout and "model_promoted" not in by_root.stdout
+    about_tickets = run("--resource", "tickets")
+    assert "model_promoted" in about_tickets.stdout and "user_added" not in about_tickets.stdout
+    assert "0 events" in run("--since", "2999-01-01").stdout
+    assert "model_promoted" in run("--since", "1h").stdout
+    assert [e.kind for e in world.store.events(actor="ada", action="manage_users")] == ["user_added"]
+    assert "error[bad_time]" in run("--since", "yesterday").output
