@@ -208,7 +208,7 @@ def test_the_audit_list_filters_by_user_action_resource_and_time(world):
     admin = world.store.principal("ada")
     world.store.promote("tickets", "production", by=admin)
     world.store.add_user("newbie", role="viewer", by=admin)
-    run = lambda *args: CliRunner().invoke(cli, ["audit", "list", *args], env={"AFINA_USER": "ada", "COLUMNS": "300"})  # noqa: E731
+    run = lambda *args: CliRunner().invoke(cli, ["audit", "list", *args], env={"AFINA_USER": "ada", "COLUMNS": "300"})
     by_root = run("--user", "ada", "--action", "user_added")
     assert by_root.exit_code == 0 and "newbie" in by_root.stdout and "model_promoted" not in by_root.stdout
     about_tickets = run("--resource", "tickets")
