@@ -101,6 +101,11 @@ def prepare_on_meta(hf_config, method, dtype: torch.dtype) -> PreparedModel:
     """Build the model on the meta device (no memory, no weights read) and apply the method to it."""
     from transformers import AutoModelForCausalLM
 
+    if method.base_bits:  # the meta copy is never quantized (`with_quantized_base` counts that): its LoRA twin
+        from afina.config.methods import LoraMethod
+
+        method = LoraMethod(**{k: v for k, v in method.model_dump().items() if k in LoraMethod.model_fields
+                               and k != "name"})
     with torch.device("meta"):
         model = apply_method(AutoModelForCausalLM.from_config(hf_config, dtype=dtype), method)
     parameters = dict(model.named_parameters())  # tied weights appear once
@@ -208,6 +213,8 @@ def attention_keeps_scores(device: torch.device, dtype: torch.dtype, heads: int,
     memory-efficient (CUDA) kernels keep only their output and log-sum-exp."""
     from torch.nn.attention import SDPBackend
 
+    if device.type == "cuda" and not torch.cuda.is_available():  # a GPU table drawn without a GPU
+        return False  # CUDA's memory-efficient kernel takes the packed mask
     query = torch.zeros(1, heads, 8, head_dim, device=device, dtype=dtype, requires_grad=True)
     mask = torch.ones(1, 1, 8, 8, device=device, dtype=torch.bool)
     try:

@@ -302,11 +302,14 @@ def restore_sharded_checkpoint(path: Path, model: nn.Module, optimizer, schedule
 def restore_whole_into_shards(path: Path, model: nn.Module, optimizer, scheduler, trainable: dict) -> None:
     """A single-device or DDP checkpoint (whole tensors) resumed under FSDP: rank 0's copy split
     into this run's shards, the optimizer state keyed by name as `set_optimizer_state_dict` wants."""
-    from safetensors.torch import load_file
+    import io
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    weights = load_file(path / "trainable.safetensors")
-    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    from afina.security.encryption import load_tensors, read_bytes
+
+    weights = load_tensors(path / "trainable.safetensors")  # decrypted in memory when sealed
+    saved = torch.load(io.BytesIO(read_bytes(path / "optimizer.pt")), weights_only=True)
     names = list(trainable)
     moments = {"state": {names[i]: value for i, value in saved["optimizer"]["state"].items()},
                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
