@@ -5,8 +5,9 @@
 The bytes go to a temporary file beside their final place, hashed and size-checked as they stream
 in; a file that is too large or invalid is deleted before anything is recorded, and the store's
 row is written only once the bytes are in place. The same content uploaded twice is kept once
-(`AFINA_HOME/files/SHA256.EXT`). With a master key the file is encrypted (`afina.security.encryption`)
-once checked and before it is renamed into place; readers decrypt it (`read_bytes`, `decrypted_copy`).
+(`AFINA_HOME/files/SHA256.EXT`). With a master key only an encrypted copy is kept
+(`afina.security.encryption`): the plain bytes are checked in a temporary file outside the afina home,
+removed at once; readers decrypt the kept file (`read_bytes`, `decrypted_copy`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from afina.data.validate import check_file
 from afina.errors import AfinaError
 from afina.paths import afina_home
-from afina.security.encryption import encrypt_file, read_bytes
+from afina.security.encryption import encrypt_copy, read_bytes
+from afina.security.master_key import master_key
 from afina.security.permissions import Principal
 from afina.store import Store, StoredFile
 
@@ -48,7 +50,10 @@ async def save_upload(store: Store, chunks: AsyncIterator[bytes], *, filename: s
     suffix = data_suffix(filename)
     directory = files_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".upload-", suffix=suffix, dir=directory)
+    key = master_key()
+    # with a master key the plain bytes are checked outside the afina home (a file only its owner
+    # reads, under TMPDIR), and only their encrypted copy is written beside the kept files
+    handle, temporary = tempfile.mkstemp(prefix=".upload-", suffix=suffix, dir=directory if key is None else None)
     temporary = Path(temporary)
     final: Path | None = None
     try:
@@ -62,10 +67,12 @@ async def save_upload(store: Store, chunks: AsyncIterator[bytes], *, filename: s
                 digest.update(chunk)
                 out.write(chunk)
         report = validation_report(temporary, filename)
-        encrypt_file(temporary)  # with a master key, before it takes its place: never kept in the clear
         final = directory / f"{digest.hexdigest()}{suffix}"
         existed = final.exists()
-        os.replace(temporary, final)  # the same content is the same bytes: replacing is harmless
+        if key is None:
+            os.replace(temporary, final)  # the same content is the same bytes: replacing is harmless
+        else:
+            encrypt_copy(temporary, final, key)  # atomically, like the rename
         try:
             return store.create_file(purpose=purpose, filename=filename, bytes=size, sha256=digest.hexdigest(),
                                      path=str(final), report=report, project=project, by=by)

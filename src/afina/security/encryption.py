@@ -195,6 +195,12 @@ def encrypt_file(path: str | Path, key: MasterKey | None = None) -> bool:
     return True
 
 
+def encrypt_copy(source: str | Path, target: str | Path, key: MasterKey) -> None:
+    """Write `source` sealed to `target`, which it replaces atomically (on any file system)."""
+    with open(source, "rb") as plain, atomic_writer(Path(target)) as out:
+        encrypt_stream(plain, out, key)
+
+
 def encrypt_tree(directory: str | Path, key: MasterKey | None = None) -> int:
     """Seal every regular file under `directory` (links are left alone); returns how many were sealed."""
     key = key or master_key()
