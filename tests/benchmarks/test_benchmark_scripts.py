@@ -95,3 +95,13 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
     # TRL runs with oneDNN's own kernel-cache bound, as its users do, not the one importing afina sets
     assert results["trl_default"]["runs"][0]["onednn_cache_capacity"] == "1024"
     assert results["afina"]["runs"][0]["onednn_cache_capacity"] == "64"
+
+
+def test_jobs_api_latency_benchmark_runs_against_a_real_server(tmp_path):
+    done = run_script(ROOT / "benchmarks" / "jobs_api_latency.py", "--clients", "3", "--seconds", "1",
+                      "--warmup", "0.2", "--out", tmp_path / "latency.json", env={"AFINA_DATABASE_URL": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads((tmp_path / "latency.json").read_text())
+    for kind in ("list jobs", "get job", "list events", "create job", "all"):
+        assert figures["afina"][kind]["requests"] > 0 and figures["afina"][kind]["p99_ms"] > 0, kind
+    assert figures["floor"]["all"]["requests"] > 0 and "afina / floor:" in done.stdout
