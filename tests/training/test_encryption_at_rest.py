@@ -201,9 +201,19 @@ def test_an_export_is_kept_encrypted_and_loads_with_the_key(tiny_model_dir, tick
     result = CliRunner().invoke(app, ["run", str(write_config(tmp_path, tiny_model_dir, planted_rows(ticket_rows)))])
     assert result.exit_code == 0, result.output
     run = next((afina_home / "runs").iterdir())
+    before = decrypted_dirs()
     exported = export_model(str(run), "safetensors", prompts=2)
     files = [p for p in exported.directory.rglob("*") if p.is_file()]
     assert files and all(is_encrypted(p) for p in files)
     assert leaks_in_files(afina_home) == []
     model = load_model(str(exported.directory))
     assert model.name_or_path == str(exported.directory) and load_tokenizer(str(exported.directory)) is not None
+
+    gguf = export_model(str(run), "gguf", quant="f32", verify=False, out=tmp_path / "gguf")
+    assert is_encrypted(gguf.path)
+    converted = load_model(str(gguf.path))  # converted once from a private copy; the conversion kept encrypted
+    cached = [p for p in (afina_home / "models").rglob("*") if p.is_file()]
+    assert cached and all(is_encrypted(p) for p in cached)
+    for name, weights in converted.state_dict().items():
+        assert torch.equal(weights, model.state_dict()[name].to(weights.dtype)), name
+    assert leaks_in_files(afina_home) == [] and decrypted_dirs() == before

