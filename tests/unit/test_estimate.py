@@ -2,6 +2,7 @@
 activation formula against what autograd really saves, the fit check and its suggestions, and
 `afina estimate` end to end (table, JSON, bad input, nothing written)."""
 
+import itertools
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from afina.config.methods import FullMethod, LoraMethod
 from afina.errors import AfinaError
 from afina.models.methods import apply_method, body_and_head, trainable_parameters
 from afina.models.attention import IMPLEMENTATION
-from afina.models.loading import load_model
+from afina.models.loading import load_model, model_config
 from afina.pipeline.prepare import prepare_data
 from afina.estimate import Machine, check_before_launch, check_fits, estimate_run
 from afina.estimate.activations import (MicroBatch, ModelShape, activation_bytes, attention_keeps_scores,
@@ -314,3 +315,82 @@ def test_train_refuses_a_run_that_cannot_fit_before_loading_anything(tiny_model_
     assert result.exit_code == 2 and len(errors) == 1 and errors[0].startswith("error[does_not_fit]"), result.output
     assert "rows_per_batch" in result.output or "smaller model" in result.output  # what would fit, or why nothing does
     assert not loaded and not (afina_home / "runs").exists()
+
+
+@pytest.mark.parametrize("shape,method,fits_one,needs_fsdp", [("llama-1b", "lora", True, False),
+                                                              ("llama-8b", "full", False, True),
+                                                              ("llama-70b", "lora", False, True)])
+def test_memory_per_device_for_llama_shapes_from_their_configs_alone(shape, method, fits_one, needs_fsdp):
+    from afina.estimate.machine import CUDA_CONTEXT_BYTES
+    from afina.estimate.parallel import advice, device_memory_table, llama_config, synthetic_examples
+
+    config = validate_config({"model": "default", "data": {"path": "unused.jsonl"},
+                              "method": {"name": method, "gradient_checkpointing": True},
+                              "training": {"row_length": 2048, "precision": "bf16"}})
+    gpus = Machine(torch.device("cuda"), CUDA_CONTEXT_BYTES, 80 * 2**30)
+    rows = device_memory_table(config, synthetic_examples(config), gpus, llama_config(shape))
+    ddp = [r for r in rows if r.parallel == "ddp"]
+    fsdp = [r for r in rows if r.parallel == "fsdp"]
+    assert [r.devices for r in ddp] == [r.devices for r in fsdp] == [1, 2, 4, 8]
+    assert ddp[0].peak == fsdp[0].peak and ddp[0].fits == fits_one
+    assert all(r.sharded == ddp[0].sharded for r in ddp)  # DDP: every device holds everything
+    for r in fsdp[1:]:  # FSDP: 1/N of the weights, gradients and optimizer state
+        assert r.sharded == pytest.approx(ddp[0].sharded / r.devices, rel=1e-6)
+    assert all(a.peak > b.peak for a, b in itertools.pairwise(fsdp))
+    assert ("needs FSDP" in advice(rows)) == needs_fsdp
+
+
+def measure_fsdp_shards(rank: int, port: int, model_dir, out) -> None:
+    """A rank of a 2-process FSDP run of the tiny model (full fine-tuning, fp32): one optimizer step,
+    then the bytes of the shards it holds (weights, gradients, AdamW moments)."""
+    import os
+
+    import torch.distributed as dist
+
+    from afina.training.distributed import current_ranks, start_process_group, wrap_for_parallel
+    from afina.training.objectives import token_objective
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    start_process_group()
+    model = apply_method(load_model(str(model_dir)), FullMethod())
+    _, objective = wrap_for_parallel(model, token_objective(64), current_ranks("fsdp"), torch.device("cpu"))
+    trainable = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    ids = torch.arange(1, 33).unsqueeze(0)
+    objective.loss_sum(model, _tiny_batch(ids)).backward()
+    optimizer.step()
+    local = [p.to_local() for p in model.parameters()] + [p.grad.to_local() for p in trainable.values()]
+    local += [v.to_local() for s in optimizer.state.values() for v in s.values() if hasattr(v, "to_local")]
+    (out / f"rank{rank}.txt").write_text(str(sum(t.numel() * t.element_size() for t in local)))
+    dist.destroy_process_group()
+
+
+def _tiny_batch(ids):
+    from afina.data.packing import collate_rows
+    from afina.data.tokenize import Example
+
+    return collate_rows([[Example(ids[0].tolist(), [True] * ids.shape[1], 1)]], 0)
+
+
+def test_fsdp_memory_per_device_on_two_processes_is_within_25_percent_of_the_measured_shards(
+        tiny_model_dir, tmp_path, ticket_rows):
+    """Measured: the tensor bytes each rank holds between steps (its shards of the weights, gradients
+    and AdamW moments), not peak RSS: on the tiny model the Python runtime would be most of that."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from afina.estimate.parallel import device_memory_table
+
+    config = make_config(tiny_model_dir, tmp_path, ticket_rows, "full")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(measure_fsdp_shards, args=(port, tiny_model_dir, tmp_path), nprocs=2, start_method="spawn")
+    measured = [int((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
+    hf_config = model_config(str(tiny_model_dir))
+    row = device_memory_table(config, train_examples(config), NO_RUNTIME, hf_config, (2,))[-1]
+    assert row.parallel == "fsdp"
+    for bytes_held in measured:
+        assert abs(row.sharded - bytes_held) <= 0.25 * bytes_held, (row.sharded, bytes_held)

@@ -2,6 +2,7 @@
 
     afina estimate configs/tickets-lora.yaml training.rows_per_batch=2
     afina estimate configs/method-full.yaml --no-calibrate --json
+    afina estimate configs/method-qlora.yaml --shape llama-70b --gpu-gib 80   # a Llama shape, no data or weights
 
 Reads and tokenizes the data like `afina train` and writes nothing to the afina home (the calibration
 steps run in a temporary directory).
@@ -27,14 +28,23 @@ def estimate_command(
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate",
                                    help="Time a few real optimizer steps here (default), or use a rough GPU table"),
     json_output: bool = typer.Option(False, "--json", help="Print the estimate as JSON"),
+    shape: str = typer.Option(None, "--shape", help="Memory per device for a Llama shape (llama-1b, llama-8b, "
+                              "llama-70b) from its config alone, with the config's method and training settings, "
+                              "rows of training.row_length fully trained: no data, no weights"),
+    gpu_gib: float = typer.Option(None, "--gpu-gib", help="Draw the per-device table for GPUs of this many GiB "
+                                  "(default: this machine's device)"),
 ) -> None:
-    """Predict peak memory, whether the run fits, time per epoch and cost, before training."""
+    """Predict peak memory, whether the run fits, time per epoch and cost, before training; and the
+    memory per device under DDP and FSDP on 1, 2, 4 and 8 devices."""
     from afina.config import load_config
     from afina.estimate import check_fits, estimate_time
     from afina.pipeline.prepare import prepare_data, quiet_libraries
 
     run_config = load_config(config, overrides or [])
     quiet_libraries()
+    if shape is not None:
+        show_shape_table(run_config, shape, gpu_gib, json_output)
+        return
     status = Console(stderr=True)  # progress on stderr, so --json output stays parseable
     with status.status("reading and tokenizing the data"):
         data = prepare_data(run_config)
@@ -43,11 +53,70 @@ def estimate_command(
     with status.status(what):
         estimate.time = estimate_time(run_config, data.examples["train"], data.tokenizer.pad_token_id, estimate,
                                       calibrate)
+    devices = per_device_table(run_config, data.examples["train"], gpu_gib)
     if json_output:
-        typer.echo(json.dumps(estimate.to_json(), indent=2))
+        typer.echo(json.dumps({**estimate.to_json(), "devices": [device_row_json(r) for r in devices]}, indent=2))
         return
     console.print(estimate_table(estimate))
     console.print(summary_line(estimate))
+    console.print(devices_table(devices, run_config.model))
+
+
+def target_machine(gpu_gib: float | None):
+    """This machine, or GPUs of `gpu_gib` GiB (their CUDA context counted, as on one)."""
+    import torch
+
+    from afina.estimate.machine import CUDA_CONTEXT_BYTES, Machine
+
+    if gpu_gib is None:
+        return Machine.here()
+    return Machine(torch.device("cuda"), CUDA_CONTEXT_BYTES, int(gpu_gib * GIB))
+
+
+def per_device_table(run_config, examples: list, gpu_gib: float | None) -> list:
+    from afina.estimate.parallel import device_memory_table
+    from afina.models.loading import model_config
+
+    return device_memory_table(run_config, examples, target_machine(gpu_gib), model_config(run_config.model))
+
+
+def show_shape_table(run_config, shape: str, gpu_gib: float | None, json_output: bool) -> None:
+    """`--shape`: the per-device table of a Llama shape, with the config's method and training."""
+    from afina.errors import AfinaError
+    from afina.estimate.parallel import (LLAMA_SHAPES, device_memory_table, llama_config,
+                                         synthetic_examples)
+
+    if shape not in LLAMA_SHAPES:
+        raise AfinaError("unknown_shape", f"no model shape named {shape}", location="--shape",
+                         hint="use one of: " + ", ".join(LLAMA_SHAPES))
+    rows = device_memory_table(run_config, synthetic_examples(run_config), target_machine(gpu_gib),
+                               llama_config(shape))
+    if json_output:
+        typer.echo(json.dumps([device_row_json(r) for r in rows], indent=2))
+        return
+    console.print(devices_table(rows, f"{shape}, {run_config.method.name}, rows of {run_config.training.row_length} "
+                                      "tokens"))
+
+
+def device_row_json(row) -> dict:
+    return {"parallel": row.parallel, "devices": row.devices, "peak": row.peak, "sharded": row.sharded,
+            "gathered": row.gathered, "work": row.work, "capacity": row.capacity, "fits": row.fits}
+
+
+def devices_table(rows: list, title: str) -> Table:
+    """Peak memory per device, DDP and FSDP, by device count; and what that means for the run."""
+    from afina.estimate.parallel import advice
+
+    counts = sorted({r.devices for r in rows})
+    table = Table(title=f"memory per device: {title} (devices of {gib(rows[0].capacity)})", title_justify="left")
+    table.add_column("")
+    for n in counts:
+        table.add_column(f"{n} device{'s' if n > 1 else ''}", justify="right")
+    for parallel in ("ddp", "fsdp"):
+        cells = [(gib(r.peak), r.fits) for r in rows if r.parallel == parallel]
+        table.add_row(parallel, *(text if fits else f"[red]{text}[/]" for text, fits in cells))
+    table.caption = advice(rows)
+    return table
 
 
 def gib(value: float) -> str:

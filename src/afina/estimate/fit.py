@@ -100,10 +100,17 @@ def check_before_launch(config: RunConfig, examples: list) -> str | None:
     """The check `afina train` runs after reading the data and before loading the model: raises
     `does_not_fit` for a run that cannot fit, returns a warning for one that fits only after the
     loop's out-of-memory fallback. Objectives the estimate does not model yet (preference pairs)
-    pass unchecked."""
+    pass unchecked. Under torchrun with FSDP, what must fit is each device's share."""
+    from afina.estimate.parallel import fits_sharded
+    from afina.training.distributed import launched_world
+
     if not objective_for(config).packs_tokens:
         return None
-    return check_fits(config, examples).require_fit()
+    estimate = check_fits(config, examples)
+    world = launched_world()
+    if not estimate.fits and world > 1 and config.training.parallel == "fsdp" and fits_sharded(config, examples, world):
+        return None  # each device holds 1/world of the model (`afina.estimate.parallel`)
+    return estimate.require_fit()
 
 
 def check_fits(config: RunConfig, examples: list[Example], capacity: int | None = None,

@@ -101,6 +101,13 @@ def synthetic_examples(config) -> list[Example]:
     return [Example([(i * 7 + j) % 1000 + 1 for j in range(length)], [True] * length, i + 1) for i in range(count)]
 
 
+def fits_sharded(config, examples: list[Example], world: int) -> bool:
+    """Whether a run under FSDP on `world` devices like this one fits each of them."""
+    from afina.models.loading import model_config
+
+    return device_memory_table(config, examples, Machine.here(), model_config(config.model), (world,))[-1].fits
+
+
 def advice(table: list[DeviceMemory]) -> str:
     """What the table means: one device is enough, DDP on N, FSDP on N, or not even FSDP on 8."""
     single = next(r for r in table if r.devices == 1)
@@ -118,8 +125,8 @@ def choose_parallel_for(config, world: int) -> str:
     and optimizer state of the run fit one device (activations aside), else fsdp."""
     if config.training.parallel != "auto" or world <= 1:
         return config.training.parallel
-    from afina.estimate.activations import prepare_on_meta, weights_dtype
     from afina.devices import resolve_precision
+    from afina.estimate.activations import prepare_on_meta, weights_dtype
     from afina.models.loading import model_config
 
     machine = Machine.here()
