@@ -6,9 +6,10 @@ import json
 import socket
 import threading
 import time
-
 import urllib.error
 import urllib.request
+from typing import Self
+
 import openai
 import pytest
 import torch
@@ -54,7 +55,7 @@ class Server:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -142,7 +143,8 @@ def test_unknown_model_is_404_listing_the_served_ones(client):
 
 @pytest.mark.parametrize("fields, param", [({"temperature": 5}, "temperature"), ({"max_tokens": 500}, "max_tokens"),
                                            ({"n": 0}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-                                           ({"messages": []}, "messages"), ({"logprobs": True}, "logprobs")])
+                                           ({"messages": []}, "messages"), ({"top_logprobs": 2}, "top_logprobs"),
+                                           ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")])
 def test_bad_parameters_are_400_naming_the_parameter(client, fields, param):
     arguments = {"model": "base", "messages": MESSAGES, "max_tokens": 4} | fields
     with pytest.raises(openai.BadRequestError) as caught:
@@ -194,3 +196,105 @@ def test_json_object_through_the_api_parses(client):
     answer = client.chat.completions.create(model="b", messages=MESSAGES, max_tokens=20, temperature=0.8, seed=4,
                                             response_format={"type": "json_object"})
     assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
+def metric(url: str, name: str) -> float:
+    """A sample's value in /metrics (`name` with its labels, as exposed), 0 when absent."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else 0.0
+
+
+def test_chat_logprobs_streaming_and_not_in_openais_shape(client):
+    whole = client.chat.completions.create(model="a", messages=MESSAGES, max_tokens=10, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    choice = whole.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == whole.usage.completion_tokens - (choice.finish_reason == "stop")
+    assert "".join(entry.token for entry in content) == choice.message.content
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy: the likeliest
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    chunks = list(client.chat.completions.create(model="a", messages=MESSAGES, max_tokens=10, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    plain = client.chat.completions.create(model="a", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_with_n_choices(client):
+    answer = client.completions.create(model="b", prompt="hello how", max_tokens=8, temperature=0.9, seed=3, n=2,
+                                       logprobs=2)
+    assert [c.index for c in answer.choices] == [0, 1]
+    for choice in answer.choices:
+        logprobs = choice.logprobs
+        assert "".join(logprobs.tokens) == choice.text
+        assert len(logprobs.token_logprobs) == len(logprobs.tokens) == len(logprobs.top_logprobs)
+        assert all(len(top) <= 2 and max(top.values()) >= lp - 1e-6
+                   for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+        assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    streamed = {0: "", 1: ""}
+    finished = set()
+    for chunk in client.completions.create(model="b", prompt="hello how", max_tokens=8, temperature=0.9, seed=3,
+                                           n=2, logprobs=2, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and streamed == {c.index: c.text for c in answer.choices}
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_rows_and_slot_at_once(client, server, monkeypatch):
+    step = server.engine._step
+    monkeypatch.setattr(server.engine, "_step", lambda key: (time.sleep(0.05), step(key)))  # 150 tokens: 7 s or more
+    before = metric(server.url, "afina_client_disconnects_total")
+    stream = client.completions.create(model="base", prompt="hello", max_tokens=150, temperature=0.8, seed=1,
+                                       stream=True)
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].text)
+        if received == 3:
+            break
+    assert server.engine.running_sequences() == 1
+    stream.close()
+    closed = time.monotonic()
+    while server.engine.running_sequences() or metric(server.url, "afina_running_requests"):
+        assert time.monotonic() - closed < 1.0, "the abandoned request kept its row or its slot"
+        time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while metric(server.url, "afina_client_disconnects_total") != before + 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_metrics_count_requests_tokens_and_time_to_first_token(client, server):
+    counted = 'afina_requests_total{route="chat",model="base",status="200"}'
+    before, tokens = metric(server.url, counted), metric(server.url, "afina_output_tokens_total")
+    answer = client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=6, temperature=0)
+    assert metric(server.url, counted) == before + 1
+    assert metric(server.url, "afina_output_tokens_total") == tokens + answer.usage.completion_tokens
+    assert metric(server.url, "afina_time_to_first_token_seconds_count") >= 1
+    assert metric(server.url, "afina_batch_size") == 0 and metric(server.url, "afina_queue_depth") == 0
+
+
+def test_shutdown_finishes_the_running_requests_first(served):
+    engine = Engine(served)
+    step = engine._step
+    engine._step = lambda key: (time.sleep(0.02), step(key))
+    with Server(create_app(engine)) as running:
+        running.wait_ready()
+        local = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = local.completions.create(model="base", prompt="hello", max_tokens=60, temperature=0.8, seed=2,
+                                          stream=True, stream_options={"include_usage": True})
+        chunks = [next(stream)]
+        running.server.should_exit = True  # what SIGTERM does
+        chunks += list(stream)
+        assert chunks[-1].usage.completion_tokens == 60
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert not engine._thread.is_alive()
+    with pytest.raises(urllib.error.URLError):
+        http(f"{running.url}/health")

@@ -151,3 +151,65 @@ def test_json_object_makes_the_default_model_answer_in_parseable_json():
         engine.stop()
     assert not any(answer.lstrip().startswith("{") for answer in prose)
     assert all(isinstance(json.loads(answer), dict) for answer in answers)
+
+
+SYSTEM = "you answer tickets about the printer, the vpn and passwords in english, spanish and portuguese. " * 3
+
+
+def chat_ids(engine: Engine, model: str, user: str) -> list[int]:
+    tokenizer = engine.models.get(model).tokenizer
+    text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_shared_system_prompt_is_computed_once_and_answers_stay_the_same(tiny_model_dir, tiny_adapters):
+    """Prompts starting with the same system prompt reuse its KV cache (per adapter), alone and in one
+    batch, and every answer equals the one computed without any cache."""
+    base = str(tiny_model_dir)
+    served = load_served_models([ModelSource("base", base), ModelSource("a", base, adapter_dir=tiny_adapters[0])],
+                                device=torch.device("cpu"))
+    plain, cached = Engine(served, prefix_cache_tokens=0), Engine(served)
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    jobs = [(model, chat_ids(cached, model, user), greedy) for model in ("base", "a") for user in PROMPTS]
+    for engine in (plain, cached):
+        engine.start()
+    try:
+        expected = [plain.generate(model, ids, params)[0] for model, ids, params in jobs]
+        first = [cached.generate(model, ids, params)[0] for model, ids, params in jobs[:1] + jobs[5:6]]
+        assert cached.prefix_cache.hits == 0 and len(cached.prefix_cache.entries) == 2  # one per adapter
+        alone = [cached.generate(model, ids, params)[0] for model, ids, params in jobs]
+        together = generate_together(cached, jobs)
+    finally:
+        for engine in (plain, cached):
+            engine.stop()
+    assert first == [expected[0], expected[5]]
+    assert alone == expected and together == expected
+    assert cached.prefix_cache.hits >= 2 * len(jobs) - 2
+    assert cached.prefix_cache.reused_tokens >= len(tiny_tokenizer_ids(cached, SYSTEM)) * (2 * len(jobs) - 2)
+    assert plain.prefix_cache.hits == 0
+
+
+def tiny_tokenizer_ids(engine: Engine, text: str) -> list[int]:
+    return engine.models.get("base").tokenizer(text, add_special_tokens=False)["input_ids"][:-16]
+
+
+def test_logprobs_are_the_models_log_softmax_with_the_likeliest_tokens(tiny_engine):
+    ids = encode(tiny_engine, "a", PROMPTS[2])
+    events = []
+    done = threading.Event()
+    request = GenerationRequest("a", ids, SamplingParams(max_tokens=6, temperature=0, logprobs=3),
+                                deliver=lambda e: (events.append(e), isinstance(e, Finished) and done.set()))
+    tiny_engine.submit(request)
+    assert done.wait(30)
+    entries = [entry for e in events if not isinstance(e, Finished) for entry in e.logprobs]
+    assert [e.token for e in entries] == request.sequences[0].generated
+    model = tiny_engine.models.get("a").model
+    full = torch.tensor([ids + request.sequences[0].generated])
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(input_ids=full, adapter_names=["adapter0"]).logits[0].float(), -1)
+    for step, entry in enumerate(entries):
+        row = expected[len(ids) - 1 + step]
+        assert entry.logprob == pytest.approx(float(row[entry.token]), abs=1e-4)
+        assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()
+        assert entry.top[0][0] == entry.token  # greedy picks the likeliest

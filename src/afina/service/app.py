@@ -6,7 +6,18 @@
 `/health` answers as soon as the process runs; `/ready` turns true once every model has generated
 a warm-up answer. Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400
 for a bad parameter (named in `param`), 404 for a model not served, 413 for a body too large, 429
-with Retry-After beyond the concurrent-request cap, 504 past the request timeout.
+with Retry-After beyond the concurrent-request cap, 504 past the request timeout. `/ready` turns
+false again while the server shuts down.
+
+`/metrics` is the Prometheus text of `afina.serving.metrics`; every request also leaves one line in
+the request log. A client that goes away mid-stream ends its request at once: its rows leave the
+engine's batch at the next step and its slot is free. On shutdown (SIGTERM, Ctrl-C) uvicorn stops
+accepting connections and waits for the running requests to finish before the engine stops.
+
+With `redact_output` every answer, whole or streamed, passes through an `OutputFilter`: personal
+data becomes typed placeholders (counted in /metrics and the log) and, with `sanitize_output`,
+markup and control characters are removed. Log-probabilities would show the redacted tokens, so
+such a server refuses `logprobs`.
 
 With `keys` (a store; `afina serve` passes one unless `--no-auth`), every /v1 route needs
 `Authorization: Bearer KEY`: 401 for a missing, unknown, expired or revoked key, 403
@@ -24,13 +35,27 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from afina.errors import AfinaError
 from afina.security.permissions import DEFAULT_PROJECT
 from afina.service.jobs_api import require_key
-from afina.service.schemas import ApiError, ChatRequest, CompletionRequest, SamplingFields, parse_body
-from afina.serving.engine import Delta, Engine, GenerationRequest, SamplingParams
+from afina.service.schemas import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+    parse_body,
+)
+from afina.serving.engine import (
+    Delta,
+    Engine,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from afina.serving.metrics import RequestRecord, ServeMetrics
+from afina.serving.output_filter import OutputFilter
 from afina.store import Store
 
 
@@ -43,6 +68,8 @@ class ServeSettings:
     default_max_tokens: int = 512  # when a request names none (less if the context is shorter)
     request_timeout_s: float = 300.0  # a request still running then is ended (504, or an error event)
     max_body_bytes: int = 4 * 2**20  # larger bodies get 413
+    redact_output: bool = False  # personal data in outputs replaced by typed placeholders
+    sanitize_output: bool = False  # markup and control characters removed from outputs
 
 
 class Slots:
@@ -77,6 +104,8 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: 
     guard = [Depends(model_users(keys, project))] if keys is not None else []
     app = FastAPI(title="afina", lifespan=lifespan, dependencies=guard)
     slots = Slots(settings.max_concurrent_requests)
+    metrics = ServeMetrics()
+    app.state.metrics = metrics
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -90,6 +119,10 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: 
     @app.get("/ready")
     async def ready() -> JSONResponse:
         return JSONResponse({"ready": engine.ready}, status_code=200 if engine.ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(engine, slots.used), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -108,7 +141,7 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: 
         except BaseException:
             slots.give_back()
             raise
-        return await respond(engine, slots, settings, body, prompt_ids, params, chat=True)
+        return await respond(Serving(engine, slots, settings, metrics), request, body, prompt_ids, params, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -126,7 +159,8 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: 
         except BaseException:
             slots.give_back()
             raise
-        return await respond(engine, slots, settings, body, prompt_ids, params, chat=False)
+        return await respond(Serving(engine, slots, settings, metrics), request, body, prompt_ids, params,
+                             chat=False)
 
     return app
 
@@ -178,8 +212,10 @@ def served_model(engine: Engine, name: str):
 def sampling_params(engine: Engine, body: SamplingFields, prompt_tokens: int, max_tokens: int | None,
                     json_object: bool, settings: ServeSettings, prompt_param: str) -> SamplingParams:
     """The engine's parameters for a request; ApiError 400 for what the request's lengths do not allow."""
-    if body.logprobs:
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+    logprobs = body.logprobs_wanted()
+    if logprobs is not None and settings.redact_output:
+        raise ApiError(400, "this server redacts personal data from outputs; log-probabilities would show it, so "
+                       "they are not available", param="logprobs")
     context = engine.models.get(body.model).context_length
     limit = min(settings.max_request_tokens or context, context)
     if prompt_tokens >= limit:
@@ -190,76 +226,148 @@ def sampling_params(engine: Engine, body: SamplingFields, prompt_tokens: int, ma
                        f"of {limit} tokens per request", param="max_tokens", code="context_length_exceeded")
     max_tokens = max_tokens or min(settings.default_max_tokens, limit - prompt_tokens)
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=body.stops(), json_object=json_object, n=body.n)
+                          stop=body.stops(), json_object=json_object, n=body.n, logprobs=logprobs)
 
 
-async def respond(engine: Engine, slots: Slots, settings: ServeSettings, body: SamplingFields, prompt_ids: list[int],
+@dataclass
+class Serving:
+    """What answering a request needs from the app."""
+
+    engine: Engine
+    slots: Slots
+    settings: ServeSettings
+    metrics: ServeMetrics
+
+
+class Answer:
+    """One request's run: its events, its choices' texts (cleaned when the server filters outputs), and
+    what is counted and logged when it ends."""
+
+    def __init__(self, serving: Serving, http: Request, body: SamplingFields, prompt_ids: list[int],
+                 params: SamplingParams, chat: bool):
+        loop = asyncio.get_running_loop()
+        self.serving, self.params = serving, params
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.request = GenerationRequest(body.model, prompt_ids, params,
+                                         deliver=lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event))
+        self.shape = ResponseShape(body.model, chat, len(prompt_ids), serving.engine.models.get(body.model).tokenizer)
+        settings = serving.settings
+        self.filters = [OutputFilter(settings.redact_output, settings.sanitize_output)
+                        if settings.redact_output or settings.sanitize_output else None for _ in range(params.n)]
+        self.texts, self.reasons = [""] * params.n, [None] * params.n
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(params.n)]
+        self.completion_tokens, self.first_text_at = 0, None
+        self.record = RequestRecord(route="chat" if chat else "completions", model=body.model, status=200,
+                                    who=who_asked(http), prompt_tokens=len(prompt_ids))
+
+    async def next(self) -> tuple[int, str, list[TokenLogprob], str | None]:
+        """The next event as (choice, new text, its tokens' log-probabilities, finish_reason or None)."""
+        event = await self.events.get()
+        cleaner = self.filters[event.index]
+        if isinstance(event, Delta):
+            text = cleaner.push(event.text) if cleaner else event.text
+            self.logprobs[event.index] += event.logprobs
+            finish_reason, logprobs = None, event.logprobs
+        else:
+            text = cleaner.flush() if cleaner else ""
+            self.reasons[event.index] = finish_reason = event.finish_reason
+            self.completion_tokens += event.completion_tokens
+            logprobs = []
+        if text and self.first_text_at is None:
+            self.first_text_at = time.perf_counter()
+        self.texts[event.index] += text
+        return event.index, text, logprobs, finish_reason
+
+    def end(self, status: int, disconnected: bool = False) -> None:
+        """Give the slot back, free the engine's rows (a no-op once finished), count and log the request."""
+        self.request.cancelled.set()
+        self.serving.slots.give_back()
+        record = self.record
+        record.status, record.disconnected, record.completion_tokens = status, disconnected, self.completion_tokens
+        record.latency_s = time.perf_counter() - self.request.submitted_at
+        record.ttft_s = self.first_text_at - self.request.submitted_at if self.first_text_at else None
+        for cleaner in filter(None, self.filters):
+            for kind, count in cleaner.redactions.items():
+                record.redactions[kind] = record.redactions.get(kind, 0) + count
+        self.serving.metrics.finished(record)
+
+
+def who_asked(http: Request) -> str:
+    """The API key's id where authentication left one on the request, else the client's address."""
+    key = getattr(http.state, "api_key_id", None)
+    if key is not None:
+        return f"key:{key}"
+    return f"ip:{http.client.host}" if http.client else "unknown"
+
+
+async def respond(serving: Serving, http: Request, body: SamplingFields, prompt_ids: list[int],
                   params: SamplingParams, chat: bool):
     """Run the request (whose slot is taken) and answer it whole or as a stream; the slot is given back
     when it ends, however it ends."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    request = GenerationRequest(body.model, prompt_ids, params,
-                                deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    answer = Answer(serving, http, body, prompt_ids, params, chat)
     try:
-        engine.submit(request)
+        serving.engine.submit(answer.request)
     except BaseException:
-        slots.give_back()
+        serving.slots.give_back()
         raise
-    shape = ResponseShape(body.model, chat, len(prompt_ids))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(stream(request, events, shape, settings, slots, include_usage),
-                                 media_type="text/event-stream")
+        return EventStream(stream(answer, include_usage), media_type="text/event-stream")
+    timeout = serving.settings.request_timeout_s
+    status = 499  # unless it ends otherwise: the client went away (the handler was cancelled)
     try:
-        texts, reasons, completion_tokens = [""] * params.n, [None] * params.n, 0
-        async with asyncio.timeout(settings.request_timeout_s):
-            while None in reasons:
-                event = await events.get()
-                if isinstance(event, Delta):
-                    texts[event.index] += event.text
-                else:
-                    reasons[event.index] = event.finish_reason
-                    completion_tokens += event.completion_tokens
+        async with asyncio.timeout(timeout):
+            while None in answer.reasons:
+                await answer.next()
+        status = 200
     except TimeoutError:
-        raise ApiError(504, f"the request did not finish within {settings.request_timeout_s:g} s", type="timeout",
+        status = 504
+        raise ApiError(504, f"the request did not finish within {timeout:g} s", type="timeout",
                        code="timeout") from None
     finally:
-        request.cancelled.set()  # a no-op once finished; frees the engine's rows of an abandoned request
-        slots.give_back()
-    return shape.complete(texts, reasons, completion_tokens)
+        answer.end(status, disconnected=status == 499)
+    return answer.shape.complete(answer.texts, answer.reasons, answer.logprobs, answer.completion_tokens)
 
 
-async def stream(request: GenerationRequest, events: asyncio.Queue, shape: ResponseShape, settings: ServeSettings,
-                 slots: Slots, include_usage: bool) -> AsyncIterator[str]:
+class EventStream(StreamingResponse):
+    """A streaming response that closes its generator however the response ends, so that a request's
+    rows and slot are freed at once also where the server reports a disconnect by failing a send."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def stream(answer: Answer, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per delta, a last chunk per choice with its finish_reason, usage
-    when asked for, then `data: [DONE]`."""
+    when asked for, then `data: [DONE]`. Closed early (the client went away), it ends the request."""
+    shape, n, timeout = answer.shape, answer.params.n, answer.serving.settings.request_timeout_s
+    status, disconnected = 200, True
     try:
         if shape.chat:
-            for index in range(request.params.n):
+            for index in range(n):
                 yield sse(shape.chunk(index, {"role": "assistant", "content": ""}, None))
-        finished, completion_tokens = 0, 0
         try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                while finished < request.params.n:
-                    event = await events.get()
-                    if isinstance(event, Delta):
-                        yield sse(shape.chunk(event.index, {"content": event.text}, None, text=event.text))
-                    else:
-                        finished += 1
-                        completion_tokens += event.completion_tokens
-                        yield sse(shape.chunk(event.index, {}, event.finish_reason))
+            async with asyncio.timeout(timeout):
+                while None in answer.reasons:
+                    index, text, logprobs, finish_reason = await answer.next()
+                    if text or logprobs:
+                        yield sse(shape.chunk(index, {"content": text}, None, text=text, logprobs=logprobs))
+                    if finish_reason:
+                        yield sse(shape.chunk(index, {}, finish_reason))
         except TimeoutError:
-            error = ApiError(504, f"the request did not finish within {settings.request_timeout_s:g} s",
-                             type="timeout", code="timeout")
+            status = 504
+            error = ApiError(504, f"the request did not finish within {timeout:g} s", type="timeout", code="timeout")
             yield sse(error.body())
         else:
             if include_usage:
-                yield sse(shape.chunk(None, None, None) | {"usage": shape.usage(completion_tokens)})
+                yield sse(shape.chunk(None, None, None) | {"usage": shape.usage(answer.completion_tokens)})
         yield "data: [DONE]\n\n"
-    finally:  # also when the client went away mid-stream: its rows leave the batch at the next step
-        request.cancelled.set()
-        slots.give_back()
+        disconnected = False
+    finally:
+        answer.end(499 if disconnected else status, disconnected)
 
 
 def sse(payload: dict) -> str:
@@ -273,6 +381,7 @@ class ResponseShape:
     model: str
     chat: bool
     prompt_tokens: int
+    tokenizer: object
 
     def __post_init__(self):
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -282,22 +391,48 @@ class ResponseShape:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def complete(self, texts: list[str], reasons: list[str], completion_tokens: int) -> dict:
+    def complete(self, texts: list[str], reasons: list[str], logprobs: list[list[TokenLogprob]],
+                 completion_tokens: int) -> dict:
         if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                        "logprobs": None} for i, (text, reason) in enumerate(zip(texts, reasons))]
+                        "logprobs": self.logprobs(entries)}
+                       for i, (text, reason, entries) in enumerate(zip(texts, reasons, logprobs))]
         else:
-            choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                       for i, (text, reason) in enumerate(zip(texts, reasons))]
+            choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": self.logprobs(entries)}
+                       for i, (text, reason, entries) in enumerate(zip(texts, reasons, logprobs))]
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage(completion_tokens)}
 
-    def chunk(self, index: int | None, delta: dict | None, finish_reason: str | None, text: str = "") -> dict:
+    def chunk(self, index: int | None, delta: dict | None, finish_reason: str | None, text: str = "",
+              logprobs: list[TokenLogprob] | None = None) -> dict:
         if index is None:
             choices = []
         elif self.chat:
-            choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+            choices = [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                        "logprobs": self.logprobs(logprobs)}]
         else:
-            choices = [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}]
+            choices = [{"index": index, "text": text, "finish_reason": finish_reason,
+                        "logprobs": self.logprobs(logprobs)}]
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices}
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        """OpenAI's logprobs object: chat's {"content": [{token, logprob, bytes, top_logprobs}]}, or the
+        completions' {"tokens", "token_logprobs", "top_logprobs", "text_offset"}; None when not asked."""
+        if not entries:
+            return None
+        if self.chat:
+            return {"content": [self.token_entry(e.token, e.logprob)
+                                | {"top_logprobs": [self.token_entry(t, lp) for t, lp in e.top]} for e in entries],
+                    "refusal": None}
+        tokens = [self.token_text(e.token) for e in entries]
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+    def token_entry(self, token: int, logprob: float) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])

@@ -58,7 +58,10 @@ class SamplingFields(Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
+
+    def logprobs_wanted(self) -> int | None:
+        """None without log-probabilities, else how many alternatives each token lists."""
+        return None
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -71,12 +74,23 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="each output token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives listed per token (with logprobs)")
+
+    def logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities of each token and this many "
+                                                                "likeliest alternatives")
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 def parse_body(model: type[BaseModel], body: object) -> BaseModel:

@@ -11,8 +11,13 @@ batch (their KV cache padded on the left to the batch's length); a sequence that
 once and its cache rows are dropped. Rows of one batch may use different adapters: PEFT selects each
 row's adapter in the same forward pass (`adapter_names`).
 
+A prompt that starts with tokens a recent prompt started with (a shared system prompt, an earlier
+turn of the conversation) reuses their KV cache (`PrefixCache`): only the rest is computed, and the
+reused rows sit in the batch like any other.
+
 Events delivered per sequence (a request with n=2 has sequences 0 and 1):
-    Delta(index, text, tokens)                     # new text since the last event
+    Delta(index, text, logprobs)                   # new text since the last event, and its tokens'
+                                                   # log-probabilities when the request asked for them
     Finished(index, finish_reason, completion_tokens)
 """
 
@@ -29,6 +34,7 @@ from transformers import DynamicCache
 
 from afina.models.json_constraint import JsonObjectLogitsProcessor
 from afina.serving.loading import LoadedModel, ServedModels
+from afina.serving.prefix_cache import PrefixCache
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -44,12 +50,24 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     json_object: bool = False
     n: int = 1
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's and the k likeliest ones'
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, top_p and any
+    constraint), with the `top` likeliest tokens at that step as (token id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class Delta:
     index: int
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +102,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already delivered
     finish_reason: str | None = None
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is held back
 
 
 @dataclass
@@ -98,11 +117,13 @@ class Batch:
 
 
 class Engine:
-    """Generation for the served models, one batch per loaded model, stepped in turn by one thread."""
+    """Generation for the served models, one batch per loaded model, stepped in turn by one thread.
+    `prefix_cache_tokens` bounds the prompt prefixes kept for reuse (0: none kept)."""
 
-    def __init__(self, models: ServedModels, max_batch_size: int = 32):
+    def __init__(self, models: ServedModels, max_batch_size: int = 32, prefix_cache_tokens: int = 8192):
         self.models = models
         self.max_batch_size = max_batch_size
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.pending: queue.Queue[GenerationRequest] = queue.Queue()
         self.batches: dict[int, Batch] = {}
         self.ready = False
@@ -117,9 +138,17 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        self.ready = False
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def running_sequences(self) -> int:
+        """Rows decoding now, across every loaded model."""
+        return sum(len(batch.sequences) for batch in list(self.batches.values()))
+
+    def queued_requests(self) -> int:
+        return self.pending.qsize()
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         self.models.get(request.model)  # unknown names fail here, in the caller's thread
@@ -178,24 +207,29 @@ class Engine:
 
     @torch.inference_mode()
     def _admit(self, taken: list[GenerationRequest]) -> None:
-        """Prefill queued requests and let them join their model's running batch."""
+        """Prefill queued requests and let them join their model's running batch. Requests whose prompt
+        starts with a cached prefix are prefilled together per prefix, from that prefix on."""
         running = sum(len(b.sequences) for b in self.batches.values())
         while running + sum(r.params.n for r in taken) < self.max_batch_size:
             try:
                 taken.append(self.pending.get_nowait())
             except queue.Empty:
                 break
-        by_model: dict[int, list[Sequence]] = {}
+        groups: dict[tuple, list[Sequence]] = {}
+        prefixes: dict[tuple, tuple] = {}
         for request in taken:
             if request.cancelled.is_set():
                 continue
             loaded, adapter = self.models.get(request.model), self.models.adapter_of(request.model)
+            prefix = self.prefix_cache.find((id(loaded), adapter), request.prompt_ids)
+            group = (id(loaded), id(prefix[0]) if prefix else None, prefix[1] if prefix else 0)
+            prefixes[group] = prefix
             sequences = [self._new_sequence(request, index, adapter, loaded) for index in range(request.params.n)]
             request.sequences.extend(sequences)
-            by_model.setdefault(id(loaded), []).extend(sequences)
-        for key, sequences in by_model.items():
-            loaded = self.models.by_id(key)
-            joining = self._prefill(loaded, sequences)
+            groups.setdefault(group, []).extend(sequences)
+        for group, sequences in groups.items():
+            key = group[0]
+            joining = self._prefill(self.models.by_id(key), sequences, prefixes[group])
             if joining is not None:
                 self.batches[key] = merge_batches(self.batches[key], joining) if key in self.batches else joining
 
@@ -210,29 +244,41 @@ class Engine:
                       if params.json_object else None)
         return Sequence(request, index, adapter, generator, constraint)
 
-    def _prefill(self, loaded: LoadedModel, sequences: list[Sequence]) -> Batch | None:
-        longest = max(len(s.request.prompt_ids) for s in sequences)
+    def _prefill(self, loaded: LoadedModel, sequences: list[Sequence], prefix: tuple | None) -> Batch | None:
+        """Compute the prompts (after the cached `prefix`, (entry, length), when there is one), each
+        right-aligned after the prefix; padding is masked, wherever it sits."""
+        cached = prefix[1] if prefix else 0
+        suffixes = [s.request.prompt_ids[cached:] for s in sequences]
+        longest = max(len(suffix) for suffix in suffixes)
         ids = torch.full((len(sequences), longest), loaded.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            prompt = sequence.request.prompt_ids
-            ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            mask[row, longest - len(prompt):] = 1
+        mask = torch.zeros((len(sequences), cached + longest), dtype=torch.long)
+        mask[:, :cached] = 1
+        for row, suffix in enumerate(suffixes):
+            ids[row, longest - len(suffix):] = torch.tensor(suffix)
+            mask[row, cached + longest - len(suffix):] = 1
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+        cache = prefix[0].cache(cached, len(sequences)) if prefix else DynamicCache()
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                               use_cache=True, logits_to_keep=1, **adapter_kwargs(loaded, sequences)).logits[:, -1]
         batch = Batch(sequences, cache, mask, mask.sum(-1), torch.zeros(len(sequences), dtype=torch.long,
                                                                          device=loaded.device))
+        self._remember_prompts(loaded, batch)
         return self._choose(loaded, batch, logits)
+
+    def _remember_prompts(self, loaded: LoadedModel, batch: Batch) -> None:
+        """Offer each prefilled prompt's KV cache to the prefix cache (once per request)."""
+        for row, sequence in enumerate(batch.sequences):
+            if sequence.index == 0:
+                self.prefix_cache.store((id(loaded), sequence.adapter), sequence.request.prompt_ids,
+                                        lambda row=row: row_cache(batch, row))
 
     def _step(self, key: int) -> None:
         with torch.inference_mode():
             loaded, batch = self.models.by_id(key), self.batches[key]
             mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
             logits = loaded.model(input_ids=batch.next_ids[:, None], attention_mask=mask,
-                                  position_ids=batch.positions[:, None], past_key_values=batch.cache, use_cache=True,
+                                  position_ids=batch.positions[:, None], cache=batch.cache, use_cache=True,
                                   **adapter_kwargs(loaded, batch.sequences)).logits[:, -1]
             batch.mask, batch.positions = mask, batch.positions + 1
             self.largest_batch = max(self.largest_batch, len(batch.sequences))
@@ -243,13 +289,15 @@ class Engine:
             self.batches[key] = kept
 
     def _choose(self, loaded: LoadedModel, batch: Batch, logits: torch.Tensor) -> Batch | None:
-        """Pick each row's next token, deliver text, and drop the rows that finished."""
+        """Pick each row's next token, deliver text, and drop the rows that finished or were cancelled."""
         logits = logits.float()
         chosen = []
         for row, sequence in enumerate(batch.sequences):
             token = pick_token(sequence, logits[row:row + 1], sequence.request.prompt_ids)
             chosen.append(token)
-            self._advance(loaded, sequence, token, int(batch.positions[row]) + 1)
+            wanted = sequence.request.params.logprobs
+            logprob = token_logprob(logits[row], token, wanted) if wanted is not None else None
+            advance_sequence(loaded, sequence, token, int(batch.positions[row]) + 1, logprob)
         batch.next_ids = torch.tensor(chosen, dtype=torch.long, device=loaded.device)
         keep = [row for row, s in enumerate(batch.sequences) if s.finish_reason is None
                 and not s.request.cancelled.is_set()]
@@ -259,26 +307,41 @@ class Engine:
             batch = select_rows(batch, keep)
         return batch
 
-    def _advance(self, loaded: LoadedModel, sequence: Sequence, token: int, length: int) -> None:
-        params = sequence.request.params
-        if token in loaded.end_ids:
-            sequence.finish_reason = "stop"
-        else:
-            sequence.generated.append(token)
-        text = loaded.tokenizer.decode(sequence.generated, skip_special_tokens=True)
-        for stop in params.stop:
-            at = text.find(stop, max(0, sequence.sent - len(stop)))
-            if at >= 0:
-                text, sequence.finish_reason = text[:at], "stop"
-        if sequence.finish_reason is None and (len(sequence.generated) >= params.max_tokens
-                                               or length >= loaded.context_length):
-            sequence.finish_reason = "length"
-        safe = len(text) if sequence.finish_reason else safe_length(text, params.stop)
-        if safe > sequence.sent:
-            sequence.request.deliver(Delta(sequence.index, text[sequence.sent:safe]))
-            sequence.sent = safe
-        if sequence.finish_reason:
-            sequence.request.deliver(Finished(sequence.index, sequence.finish_reason, len(sequence.generated)))
+
+def advance_sequence(loaded: LoadedModel, sequence: Sequence, token: int, length: int,
+                     logprob: TokenLogprob | None = None) -> None:
+    """Append `token` to the sequence (`length` tokens long with it), decide whether it finished, and
+    deliver the text that is safe to show: a partial character or a possible stop string is held back
+    (with its tokens' log-probabilities) until the next token settles it."""
+    params = sequence.request.params
+    if token in loaded.end_ids:
+        sequence.finish_reason = "stop"
+    else:
+        sequence.generated.append(token)
+        if logprob is not None:
+            sequence.unsent_logprobs.append(logprob)
+    text = loaded.tokenizer.decode(sequence.generated, skip_special_tokens=True)
+    for stop in params.stop:
+        at = text.find(stop, max(0, sequence.sent - len(stop)))
+        if at >= 0:
+            text, sequence.finish_reason = text[:at], "stop"
+    if sequence.finish_reason is None and (len(sequence.generated) >= params.max_tokens
+                                           or length >= loaded.context_length):
+        sequence.finish_reason = "length"
+    safe = len(text) if sequence.finish_reason else safe_length(text, params.stop)
+    if safe > sequence.sent or (sequence.finish_reason and sequence.unsent_logprobs):
+        sequence.request.deliver(Delta(sequence.index, text[sequence.sent:safe], sequence.unsent_logprobs))
+        sequence.sent, sequence.unsent_logprobs = max(safe, sequence.sent), []
+    if sequence.finish_reason:
+        sequence.request.deliver(Finished(sequence.index, sequence.finish_reason, len(sequence.generated)))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability among `logits` (one row) and the `top` likeliest tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = logprobs.topk(top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
 def pick_token(sequence: Sequence, logits: torch.Tensor, prompt_ids: list[int]) -> int:
@@ -344,3 +407,10 @@ def select_rows(batch: Batch, rows: list[int]) -> Batch:
         layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
     return Batch([batch.sequences[r] for r in rows], batch.cache, mask[:, first:], batch.positions[index],
                  batch.next_ids[index])
+
+
+def row_cache(batch: Batch, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One row's cached keys and values per layer, its padding left out: [1, heads, tokens, dim] each."""
+    columns = batch.mask[row].nonzero().squeeze(1)
+    return [(layer.keys[row:row + 1, :, columns], layer.values[row:row + 1, :, columns])
+            for layer in batch.cache.layers]

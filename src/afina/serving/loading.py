@@ -6,7 +6,9 @@
     served.adapter_of("demo:production")  # its adapter's name on that model ("" for the base itself)
 
 A MODEL is `default`, a registry reference (`name`, `name:3`, `name:production`), a run directory
-(its adapter on its base) or a merged Hugging Face model directory. Adapters of one base that PEFT
+(its adapter on its base), a merged Hugging Face model directory or a GGUF file (served by its file
+name without `.gguf`; converted once for transformers, as `model:` converts one, or run as it is by
+the llama.cpp engine). Adapters of one base that PEFT
 can mix in one batch (LoRA without DoRA) are loaded onto one copy of the base, each under its own
 adapter name; any other trained method gets a model of its own.
 """
@@ -88,6 +90,8 @@ def resolve_source(name: str) -> ModelSource:
             return ModelSource(name=path.name, base=str(path))
         raise AfinaError("model_not_found", "neither a run directory nor a model directory (no config.json)",
                          location=str(path))
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(name=path.stem, base=str(path))
     if name == "default":
         return ModelSource(name=name, base=name)
     from afina.store import open_store
