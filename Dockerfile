@@ -3,7 +3,8 @@
 #   docker build -t afina .
 #   docker run --rm -v afina-data:/data --entrypoint afina afina keys create ops     # once: an API key
 #   docker run -p 8000:8000 -v "$PWD/tickets-v3-safetensors:/model:ro" -v afina-data:/data afina
-#   docker run -p 8000:8000 -v "$PWD/tickets-v3-gguf-q8_0:/model:ro" -v afina-data:/data afina /model/tickets-v3-gguf-q8_0.gguf
+#   docker run -p 8000:8000 -v "$PWD/tickets-v3-gguf-q8_0:/model:ro" -v afina-data:/data afina \
+#     /model/tickets-v3-gguf-q8_0.gguf --engine llama.cpp
 #
 # Two stages: the first has the compilers that llama.cpp (llama-cpp-python) is built with; the
 # second holds only the finished virtual environment and Python, runs as an unprivileged user, and
