@@ -237,15 +237,16 @@ def test_completion_logprobs_with_n_choices(client):
         assert all(len(top) <= 2 and max(top.values()) >= lp - 1e-6
                    for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
         assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
-    streamed = {0: "", 1: ""}
-    finished = set()
+    streamed, offsets, finished = {0: "", 1: ""}, {0: [], 1: []}, set()
     for chunk in client.completions.create(model="b", prompt="hello how", max_tokens=8, temperature=0.9, seed=3,
                                            n=2, logprobs=2, stream=True):
         for choice in chunk.choices:
             streamed[choice.index] += choice.text
+            offsets[choice.index] += choice.logprobs.text_offset if choice.logprobs else []
             if choice.finish_reason:
                 finished.add(choice.index)
     assert finished == {0, 1} and streamed == {c.index: c.text for c in answer.choices}
+    assert offsets == {c.index: c.logprobs.text_offset for c in answer.choices}
 
 
 def test_a_client_that_goes_away_mid_stream_frees_its_rows_and_slot_at_once(client, server, monkeypatch):
@@ -278,7 +279,10 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(client, server):
     assert metric(server.url, counted) == before + 1
     assert metric(server.url, "afina_output_tokens_total") == tokens + answer.usage.completion_tokens
     assert metric(server.url, "afina_time_to_first_token_seconds_count") >= 1
-    assert metric(server.url, "afina_batch_size") == 0 and metric(server.url, "afina_queue_depth") == 0
+    deadline = time.monotonic() + 5  # the engine drops a finished row right after delivering its last token
+    while metric(server.url, "afina_batch_size") or metric(server.url, "afina_queue_depth"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_shutdown_finishes_the_running_requests_first(served):

@@ -16,7 +16,7 @@ accepting connections and waits for the running requests to finish before the en
 
 With `redact_output` every answer, whole or streamed, passes through an `OutputFilter`: personal
 data becomes typed placeholders (counted in /metrics and the log) and, with `sanitize_output`,
-markup and control characters are removed. Log-probabilities would show the redacted tokens, so
+markup and control characters are removed. Log-probabilities would show the removed tokens, so
 such a server refuses `logprobs`.
 
 With `keys` (a store; `afina serve` passes one unless `--no-auth`), every /v1 route needs
@@ -213,9 +213,9 @@ def sampling_params(engine: Engine, body: SamplingFields, prompt_tokens: int, ma
                     json_object: bool, settings: ServeSettings, prompt_param: str) -> SamplingParams:
     """The engine's parameters for a request; ApiError 400 for what the request's lengths do not allow."""
     logprobs = body.logprobs_wanted()
-    if logprobs is not None and settings.redact_output:
-        raise ApiError(400, "this server redacts personal data from outputs; log-probabilities would show it, so "
-                       "they are not available", param="logprobs")
+    if logprobs is not None and (settings.redact_output or settings.sanitize_output):
+        raise ApiError(400, "this server filters its outputs (--redact-output, --sanitize-output); log-probabilities "
+                       "would show the tokens it removes, so they are not available", param="logprobs")
     context = engine.models.get(body.model).context_length
     limit = min(settings.max_request_tokens or context, context)
     if prompt_tokens >= limit:
@@ -354,7 +354,9 @@ async def stream(answer: Answer, include_usage: bool) -> AsyncIterator[str]:
                 while None in answer.reasons:
                     index, text, logprobs, finish_reason = await answer.next()
                     if text or logprobs:
-                        yield sse(shape.chunk(index, {"content": text}, None, text=text, logprobs=logprobs))
+                        offset = len(answer.texts[index]) - len(text)  # where this text starts in the answer
+                        yield sse(shape.chunk(index, {"content": text}, None, text=text, logprobs=logprobs,
+                                              offset=offset))
                     if finish_reason:
                         yield sse(shape.chunk(index, {}, finish_reason))
         except TimeoutError:
@@ -404,7 +406,7 @@ class ResponseShape:
                 "model": self.model, "choices": choices, "usage": self.usage(completion_tokens)}
 
     def chunk(self, index: int | None, delta: dict | None, finish_reason: str | None, text: str = "",
-              logprobs: list[TokenLogprob] | None = None) -> dict:
+              logprobs: list[TokenLogprob] | None = None, offset: int = 0) -> dict:
         if index is None:
             choices = []
         elif self.chat:
@@ -412,13 +414,14 @@ class ResponseShape:
                         "logprobs": self.logprobs(logprobs)}]
         else:
             choices = [{"index": index, "text": text, "finish_reason": finish_reason,
-                        "logprobs": self.logprobs(logprobs)}]
+                        "logprobs": self.logprobs(logprobs, offset)}]
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices}
 
-    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+    def logprobs(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
         """OpenAI's logprobs object: chat's {"content": [{token, logprob, bytes, top_logprobs}]}, or the
-        completions' {"tokens", "token_logprobs", "top_logprobs", "text_offset"}; None when not asked."""
+        completions' {"tokens", "token_logprobs", "top_logprobs", "text_offset"} (offsets in the answer's
+        text, whose part here starts at `offset`); None when not asked."""
         if not entries:
             return None
         if self.chat:
@@ -426,7 +429,7 @@ class ResponseShape:
                                 | {"top_logprobs": [self.token_entry(t, lp) for t, lp in e.top]} for e in entries],
                     "refusal": None}
         tokens = [self.token_text(e.token) for e in entries]
-        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
 
