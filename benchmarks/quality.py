@@ -131,7 +131,7 @@ def run_trl(job: dict) -> dict:
     """SFTTrainer + PEFT LoRA with the setting's changes to their defaults, one epoch, then the same evaluation."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
 
     from afina.models.loading import load_model, load_tokenizer
@@ -151,10 +151,14 @@ def run_trl(job: dict) -> dict:
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
                              peft_config=LoraConfig(task_type="CAUSAL_LM", **lora_changes))
         state = trainer.train()
-    wall = time.perf_counter() - started
+        wall = time.perf_counter() - started
+        # evaluated as afina's runs are: the saved adapter on a freshly loaded fp32 base (the trainer's own
+        # model generates without its KV cache while gradient checkpointing is on)
+        trainer.model.save_pretrained(Path(output) / "adapter")
+        tuned = PeftModel.from_pretrained(load_model(job["model"], dtype=torch.float32), Path(output) / "adapter")
     return {"wall_seconds": wall, "train_seconds": state.metrics["train_runtime"], "steps": state.global_step,
             "epochs": 1.0, "learning_rate": args.learning_rate, "examples_per_step": args.per_device_train_batch_size,
-            **evaluate(trainer.model, tokenizer, job["paths"]["test"], job["max_new_tokens"])}
+            **evaluate(tuned, tokenizer, job["paths"]["test"], job["max_new_tokens"])}
 
 
 def run_job(job: dict) -> dict:
