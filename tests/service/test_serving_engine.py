@@ -213,3 +213,25 @@ def test_logprobs_are_the_models_log_softmax_with_the_likeliest_tokens(tiny_engi
         assert entry.logprob == pytest.approx(float(row[entry.token]), abs=1e-4)
         assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()
         assert entry.top[0][0] == entry.token  # greedy picks the likeliest
+
+
+@pytest.mark.integration
+def test_the_default_models_answers_are_the_same_with_and_without_the_prefix_cache():
+    """Its chat template starts every conversation with the same system prompt: later prompts reuse it."""
+    served = load_served_models([ModelSource("default", "default")], device=torch.device("cpu"))
+    tokenizer = served.get("default").tokenizer
+    questions = ["Why is the sky blue?", "My printer is jammed, what do I do?", "¿Cómo cambio mi contraseña?"]
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                       add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for q in questions]
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    results = []
+    for budget in (0, 8192):
+        engine = Engine(served, prefix_cache_tokens=budget)
+        engine.start()
+        try:
+            results.append([engine.generate("default", ids, greedy)[0] for ids in prompts])
+        finally:
+            engine.stop()
+    assert engine.prefix_cache.hits == len(prompts) - 1
+    assert results[0] == results[1]
