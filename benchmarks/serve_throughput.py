@@ -24,6 +24,8 @@ llama-cpp-python's `Llama` behind the same HTTP routes and clients), reported as
 `--prefix-tokens N` measures prefix caching: one client asks questions after the same system prompt
 of about N tokens, against a server with the prefix cache and one without (`--prefix-cache-tokens 0`);
 the ratio is their median time to first token.
+
+`--chart PATH` draws the run's figures (clients levels, load test, prefix cache) as a PNG.
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def load_test(model: str, args: argparse.Namespace, *options: str) -> dict:
     try:
         before = resident_mib(server)
         result = asyncio.run(run_load(url, args.load_clients, args.load_seconds, args.max_tokens))
-        result |= {"rss_mib_before": before, "rss_mib_after": resident_mib(server)}
+        result |= {"clients": args.load_clients, "seconds": args.load_seconds, "rss_mib_before": before,
+                   "rss_mib_after": resident_mib(server)}
     finally:
         server.terminate()
         server.wait()
@@ -266,6 +269,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", action="store_true",
                         help="the load test also against llama.cpp on the model's GGUF file (default model only)")
     parser.add_argument("--prefix-tokens", type=int, default=0, help="system prompt length for the prefix test")
+    parser.add_argument("--chart", type=Path, help="draw the results as a PNG here")
     args = parser.parse_args()
 
     from afina.models.loading import load_model, load_tokenizer
@@ -311,7 +315,51 @@ def main() -> None:
               f"(x{prefix['ttft_ratio']})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
+    if args.chart:
+        write_chart(results, args.chart)
+        print(f"chart: {args.chart}")
     print(f"results: {args.out}")
+
+
+def write_chart(results: dict, path: Path) -> None:
+    """One panel per measure the run made: tokens/s by clients, the load test side by side, and time to
+    first token with and without the prefix cache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [name for name in ("levels", "load", "prefix") if results.get(name)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for axis, name in zip(axes[0], panels):
+        if name == "levels":
+            clients = [level["clients"] for level in results["levels"]]
+            for system in ("afina", "generate"):
+                axis.plot(clients, [level[system]["tokens_per_s"] for level in results["levels"]], marker="o",
+                          label=system if system == "afina" else "generate(), one at a time")
+            axis.set(xlabel="concurrent clients", ylabel="output tokens/s", title="Throughput by clients")
+            axis.legend()
+        elif name == "load":
+            systems = {"afina": results["load"]} | ({"llama.cpp": results["load_llama_cpp"]}
+                                                    if results.get("load_llama_cpp") else {})
+            bars = axis.bar(list(systems), [r["tokens_per_s"] for r in systems.values()], color=["C0", "C2"])
+            axis.bar_label(bars, labels=[f"{r['tokens_per_s']:.1f} tok/s\np99 TTFT {r['ttft_p99_s']:.1f} s"
+                                         for r in systems.values()], fontsize=8)
+            axis.set(ylabel="output tokens/s",
+                     title=f"{results['load']['clients']} streaming clients, {results['load']['seconds']:g} s")
+            axis.margins(y=0.25)
+        else:
+            prefix = results["prefix"]
+            values = [prefix["cached"]["ttft_p50_s"], prefix["uncached"]["ttft_p50_s"]]
+            bars = axis.bar(["prefix cache", "no prefix cache"], values, color=["C0", "C7"])
+            axis.bar_label(bars, labels=[f"{v:.2f} s" for v in values], fontsize=8)
+            axis.set(ylabel="time to first token, p50 (s)",
+                     title=f"{prefix['system_prompt_tokens']}-token shared system prompt")
+            axis.margins(y=0.2)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def load_report(args: argparse.Namespace, system: str, result: dict) -> dict:
