@@ -9,6 +9,7 @@ that the export reproduces the tuned model, whatever the model learned.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -73,8 +74,13 @@ def test_safetensors_export_answers_as_the_tuned_model(lora_run, tmp_path):
     assert tokenizer.chat_template
     card = (result.directory / "README.md").read_text()
     assert "lora" in card and "field_accuracy_mean on these prompts" in card and "stops where" in card
-    report = json.loads((result.directory / "export.json").read_text())["round_trip"]
+    manifest = json.loads((result.directory / "export.json").read_text())
+    report = manifest["round_trip"]
     assert report["metric"] == "field_accuracy_mean" and report["tuned_metric"] == report["export_metric"]
+    weights = result.directory / "model.safetensors"
+    assert manifest["files"]["model.safetensors"] == {"bytes": weights.stat().st_size,
+                                                      "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert manifest["files"]["model.safetensors"]["sha256"] in card and report["min_agreement"] == 1.0
     assert report["stops_matched"] == report["stops_expected"]
     assert not any(p.name.startswith(".staging") for p in tmp_path.iterdir())
     exported, base = load_model(str(result.directory)), load_model(json.loads((lora_run / "config.json").read_text())["model"])
@@ -189,11 +195,11 @@ def test_too_few_stops_or_identical_answers_fail_the_export(tmp_path):
     assert default_min_agreement("f16") == 1.0 and default_min_agreement("q8_0") > default_min_agreement("q4_k_m")
     stops_lost = RoundTrip(answers=4, identical=4, stops_expected=4, stops_matched=2, first_stop_difference="x")
     with pytest.raises(AfinaError) as caught:
-        require_agreement(stops_lost, "q8_0", None, tmp_path / "m.gguf")
+        require_agreement(stops_lost, default_min_agreement("q8_0"), tmp_path / "m.gguf")
     assert caught.value.code == "export_mismatch" and "stops" in caught.value.message
-    require_agreement(stops_lost, "q8_0", 0.5, tmp_path / "m.gguf")
+    require_agreement(stops_lost, 0.5, tmp_path / "m.gguf")
     with pytest.raises(AfinaError) as caught:
-        require_agreement(RoundTrip(answers=4, identical=3), "f16", None, tmp_path / "m.gguf")
+        require_agreement(RoundTrip(answers=4, identical=3), default_min_agreement("f16"), tmp_path / "m.gguf")
     assert caught.value.code == "export_mismatch" and "3 of 4" in caught.value.message
 
 
@@ -310,7 +316,7 @@ def test_a_gguf_without_template_or_with_a_wrong_end_of_turn_token_is_an_export_
         assert caught.value.code == "export_mismatch", broken
 
 
-def test_a_truncated_gguf_is_a_located_error(lora_run, tmp_path):
+def test_a_truncated_or_corrupt_gguf_is_a_located_error(lora_run, tmp_path):
     from afina.export.gguf_file import write_gguf
     from afina.models.loading import read_gguf_metadata
 
@@ -318,8 +324,13 @@ def test_a_truncated_gguf_is_a_located_error(lora_run, tmp_path):
     path = write_gguf(merged, tokenizer, tmp_path / "model.gguf", "f16")
     assert read_gguf_metadata(path)["general.architecture"] == "llama"
     data = path.read_bytes()
-    for size in (len(data) - 100, len(data) // 3, 20):
-        path.write_bytes(data[:size])
+    truncated = [data[:size] for size in (len(data) - 100, len(data) // 3, 20)]
+    corrupt = [b"XXXX" + data[4:],  # not a GGUF
+               data[:4] + (99).to_bytes(4, "little") + data[8:],  # a version llama.cpp does not write
+               data[:16] + (2**40).to_bytes(8, "little") + data[24:],  # an impossible count of metadata keys
+               data[:40] + bytes(200) + data[240:]]  # zeros over the metadata
+    for damaged in truncated + corrupt:
+        path.write_bytes(damaged)
         with pytest.raises(AfinaError) as caught:
             read_gguf_metadata(path)
         assert caught.value.code == "artifact_invalid" and caught.value.location == str(path)

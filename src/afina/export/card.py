@@ -7,9 +7,10 @@ from afina.store.records import Model
 
 
 def render_card(source: ExportSource, export_format: str, quant: str | None, check: dict | None,
-                version: str) -> str:
+                version: str, files: dict[str, dict] | None = None) -> str:
     """Markdown: base model, method, data hashes, metrics base vs tuned, the gate's decision, the
-    afina version and the round trip's result. Without a registry record, what the run directory holds."""
+    afina version, the round trip's result and the weight files' SHA-256. Without a registry record,
+    what the run directory holds."""
     config, record = source.config, source.record
     base = f"`{config.model}`" + (" (SmolLM2-135M-Instruct, bundled with afina)" if config.model == "default" else "")
     lines = [f"# {record.ref if record else source.run_dir.name}", "",
@@ -30,6 +31,7 @@ def render_card(source: ExportSource, export_format: str, quant: str | None, che
     unchecked = ("Not checked (exported with --no-verify): nobody has compared this export's answers with the "
                  "tuned model's.")
     lines += round_trip_section(check) if check is not None else ["## Round trip", "", unchecked, ""]
+    lines += files_section(files or {})
     return "\n".join(lines) + "\n"
 
 
@@ -46,6 +48,18 @@ def round_trip_section(check: dict) -> list[str]:
     if check.get("metric") and check.get("tuned_metric") is not None:
         lines.append(f"| {check['metric']} on these prompts | {check['tuned_metric']:.3f} | "
                      f"{check['export_metric']:.3f} |")
+    if check.get("min_agreement") is not None:
+        required = (f"Required: at least {check['min_agreement']:.0%} of the answers identical and of the stops "
+                    "where the tuned model stops.")
+        lines += ["", required]
+    return lines + [""]
+
+
+def files_section(files: dict[str, dict]) -> list[str]:
+    if not files:
+        return []
+    lines = ["## Files", "", "| file | bytes | sha256 |", "| --- | ---: | --- |"]
+    lines += [f"| {name} | {entry['bytes']:,} | `{entry['sha256']}` |" for name, entry in files.items()]
     return lines + [""]
 
 

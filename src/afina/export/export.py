@@ -11,6 +11,7 @@ where a deployment would pick it up. With a master key every file of the export 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -76,6 +77,7 @@ def export_model(target: str, export_format: str, quant: str | None = None, out:
     if destination.exists() and any(destination.iterdir()):
         raise AfinaError("export_exists", "the destination is not empty", location=str(destination),
                          hint="choose another --out, or remove it")
+    floor = default_min_agreement(quant) if min_agreement is None else min_agreement
     rows = test_rows(source, prompts)
     conversations = [row.prompt_messages() for row in rows]
     max_new_tokens = source.config.eval.max_new_tokens
@@ -114,8 +116,8 @@ def export_model(target: str, export_format: str, quant: str | None = None, out:
                     check = gguf_file.check_gguf_file(artifact, reference, conversations, max_new_tokens, eos,
                                                       tokenizer)
             score_task(check, [row.reference_answer() or "" for row in rows], task_metric(source))
-            require_agreement(check, quant, min_agreement, artifact)
-        write_record(staging, source, export_format, quant, check)
+            require_agreement(check, floor, artifact)
+        write_record(staging, source, export_format, quant, check, floor)
         encrypt_tree(staging)  # with a master key, kept encrypted like the run it comes from
         if destination.exists():
             destination.rmdir()  # empty, checked above
@@ -167,9 +169,8 @@ def task_metric(source: ExportSource) -> str:
     return metric_base_name(source.config.gate.metric)
 
 
-def require_agreement(check: RoundTrip, quant: str | None, min_agreement: float | None, artifact: Path) -> None:
+def require_agreement(check: RoundTrip, floor: float, artifact: Path) -> None:
     """Answers and stops each reach the floor, or the export fails (and is not put in place)."""
-    floor = default_min_agreement(quant) if min_agreement is None else min_agreement
     if check.stop_agreement < floor:
         raise AfinaError("export_mismatch", f"the export stops where the tuned model stops in {check.stops_matched} "
                          f"of {check.stops_expected} answers ({check.stop_agreement:.0%}, at least {floor:.0%} "
@@ -184,16 +185,31 @@ def require_agreement(check: RoundTrip, quant: str | None, min_agreement: float 
 
 
 def write_record(directory: Path, source: ExportSource, export_format: str, quant: str | None,
-                 check: RoundTrip | None) -> None:
-    """README.md (the model card) and export.json (the same facts for scripts)."""
+                 check: RoundTrip | None, floor: float) -> None:
+    """README.md (the model card) and export.json (the same facts for scripts), with the weight files'
+    SHA-256, so that a deployment can check it runs the file that passed the round trip."""
     from afina.pipeline.workflow import afina_version
 
     summary = None
     if check is not None:
         summary = {k: v for k, v in asdict(check).items() if k != "details"} | {
-            "agreement": check.agreement, "stop_agreement": check.stop_agreement}
-    (directory / "README.md").write_text(render_card(source, export_format, quant, summary, afina_version()))
+            "agreement": check.agreement, "stop_agreement": check.stop_agreement, "min_agreement": floor}
+    files = weight_files(directory)
+    (directory / "README.md").write_text(render_card(source, export_format, quant, summary, afina_version(), files))
     manifest = {"run": str(source.run_dir), "model": source.record.ref if source.record else None,
                 "base_model": source.config.model, "method": source.config.method.name, "format": export_format,
-                "quant": quant, "round_trip": summary | {"details": check.details} if check else None}
+                "quant": quant, "files": files, "round_trip": summary | {"details": check.details} if check else None}
     (directory / "export.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+
+
+def weight_files(directory: Path) -> dict[str, dict]:
+    """Each weight file of the export (safetensors shards, the GGUF): its size and SHA-256."""
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix in (".safetensors", ".gguf"):
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return files
