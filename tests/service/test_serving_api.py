@@ -272,6 +272,25 @@ def test_a_client_that_goes_away_mid_stream_frees_its_rows_and_slot_at_once(clie
         time.sleep(0.02)
 
 
+def test_a_client_that_goes_away_before_a_whole_answer_frees_its_rows_and_slot(server, monkeypatch):
+    step = server.engine._step
+    monkeypatch.setattr(server.engine, "_step", lambda key: (time.sleep(0.05), step(key)))
+    before = metric(server.url, "afina_client_disconnects_total")
+    body = json.dumps({"model": "base", "prompt": "hello", "max_tokens": 150, "temperature": 0.8, "seed": 1}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while not server.engine.running_sequences():
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
+    closed = time.monotonic()
+    while server.engine.running_sequences() or metric(server.url, "afina_running_requests"):
+        assert time.monotonic() - closed < 1.5, "the abandoned request kept its row or its slot"
+        time.sleep(0.01)
+    assert metric(server.url, "afina_client_disconnects_total") == before + 1
+
+
 def test_metrics_count_requests_tokens_and_time_to_first_token(client, server):
     counted = 'afina_requests_total{route="chat",model="base",status="200"}'
     before, tokens = metric(server.url, counted), metric(server.url, "afina_output_tokens_total")

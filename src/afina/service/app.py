@@ -11,7 +11,8 @@ false again while the server shuts down.
 
 `/metrics` is the Prometheus text of `afina.serving.metrics`; every request also leaves one line in
 the request log. A client that goes away mid-stream ends its request at once: its rows leave the
-engine's batch at the next step and its slot is free. On shutdown (SIGTERM, Ctrl-C) uvicorn stops
+engine's batch at the next step and its slot is free; one waiting for a whole answer is noticed
+within DISCONNECT_CHECK_S. On shutdown (SIGTERM, Ctrl-C) uvicorn stops
 accepting connections and waits for the running requests to finish before the engine stops.
 
 With `redact_output` every answer, whole or streamed, passes through an `OutputFilter`: personal
@@ -314,19 +315,40 @@ async def respond(serving: Serving, http: Request, body: SamplingFields, prompt_
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(stream(answer, include_usage), media_type="text/event-stream")
     timeout = serving.settings.request_timeout_s
-    status = 499  # unless it ends otherwise: the client went away (the handler was cancelled)
+    status = 499  # unless it ends otherwise: the client went away
     try:
         async with asyncio.timeout(timeout):
-            while None in answer.reasons:
-                await answer.next()
-        status = 200
+            if await collect(answer, http):
+                status = 200
     except TimeoutError:
         status = 504
         raise ApiError(504, f"the request did not finish within {timeout:g} s", type="timeout",
                        code="timeout") from None
     finally:
         answer.end(status, disconnected=status == 499)
+    if status == 499:
+        return JSONResponse({"error": {"message": "the client went away", "type": "client_closed_request"}},
+                            status_code=499)
     return answer.shape.complete(answer.texts, answer.reasons, answer.logprobs, answer.completion_tokens)
+
+
+DISCONNECT_CHECK_S = 0.25  # how often a whole-answer request looks whether its client is still there
+
+
+async def collect(answer: Answer, http: Request) -> bool:
+    """Wait until every choice finished; False as soon as the client is found gone (its rows are then
+    freed by `Answer.end`), looked at every DISCONNECT_CHECK_S, between tokens or without them."""
+    checked = time.monotonic()
+    while None in answer.reasons:
+        try:
+            await asyncio.wait_for(answer.next(), DISCONNECT_CHECK_S)  # an event waited for is never lost
+        except TimeoutError:
+            pass
+        if time.monotonic() - checked >= DISCONNECT_CHECK_S:
+            checked = time.monotonic()
+            if await http.is_disconnected():
+                return False
+    return True
 
 
 class EventStream(StreamingResponse):
