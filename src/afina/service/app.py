@@ -294,10 +294,11 @@ class Answer:
 
 
 def who_asked(http: Request) -> str:
-    """The API key's id where authentication left one on the request, else the client's address."""
-    key = getattr(http.state, "api_key_id", None)
-    if key is not None:
-        return f"key:{key}"
+    """The API key's user where authentication left its principal on the request (`request.state.
+    principal`), else the client's address."""
+    principal = getattr(http.state, "principal", None)
+    if principal is not None:
+        return f"user:{principal.user}"
     return f"ip:{http.client.host}" if http.client else "unknown"
 
 
