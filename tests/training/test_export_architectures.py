@@ -159,3 +159,16 @@ def test_a_pre_tokenizer_llama_cpp_does_not_know_is_refused():
         with pytest.raises(AfinaError) as caught:
             pre_tokenizer_name({"type": "Sequence", "pretokenizers": [split | changed, byte_level]})
         assert caught.value.code == "export_unsupported" and caught.value.location == "tokenizer"
+
+
+def test_an_architecture_without_a_gguf_writer_is_refused_naming_those_with_one(tmp_path):
+    from transformers import GPT2Config
+
+    from afina.export.gguf_file import check_architecture
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(AfinaError) as caught:
+        check_architecture(str(tmp_path))
+    assert caught.value.code == "export_unsupported" and caught.value.location == "model"
+    assert all(name in caught.value.message for name in ("llama", "mistral", "qwen2", "gpt2"))
+    assert "--format safetensors" in caught.value.hint
