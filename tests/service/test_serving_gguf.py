@@ -109,3 +109,15 @@ def test_the_default_models_gguf_answers_in_llama_cpp_as_in_transformers():
         for engine in (llama, plain):
             engine.stop()
     assert tokenizer.decode(first).strip() and first[:3] == second[:3]
+
+
+def test_the_command_refuses_an_unknown_engine_or_a_directory_for_llama_cpp_before_loading(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from afina.cli.main import app
+
+    unknown = CliRunner().invoke(app, ["serve", "--no-auth", "--engine", "vllm"])
+    assert unknown.exit_code == 2 and "unknown engine 'vllm'" in unknown.output
+    pytest.importorskip("llama_cpp", reason="--engine llama.cpp needs llama-cpp-python (dev extra)")
+    directory = CliRunner().invoke(app, ["serve", str(tiny_model_dir), "--no-auth", "--engine", "llama.cpp"])
+    assert directory.exit_code == 2 and "GGUF files only" in directory.output
