@@ -167,7 +167,7 @@ def run_job(job: dict) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-def measure(job: dict, in_process: bool) -> dict:
+def measure(job: dict, in_process: bool, out: str) -> dict:
     """Run one setting in a fresh process (afina's under the allocator the `afina` command starts under,
     TRL's with oneDNN's own cache bounds, as its users run it); in the driver itself for a smoke run."""
     if in_process:
@@ -175,7 +175,7 @@ def measure(job: dict, in_process: bool) -> dict:
     from afina.training.allocator import allocator_environment
 
     extra = allocator_environment() if job["system"] == "afina" else TRL_ENV
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job), "--out", out], capture_output=True, text=True,
                           env={**os.environ, **WORKER_ENV, **extra}, check=False)
     return worker_result(done.returncode, done.stdout, done.stderr)
 
@@ -195,7 +195,7 @@ def run_task(task: str, first: str, paths: dict, args) -> dict:
     order = ORDER if first == "trl" else [ORDER[1], ORDER[0], ORDER[3], ORDER[2]]
     runs: dict[str, dict] = {}
     for setting in order:
-        runs[setting] = measure(job_for(setting, task, paths, args), args.smoke)
+        runs[setting] = measure(job_for(setting, task, paths, args), args.smoke, args.out)
         print(task, setting, summary_line(runs[setting], MAIN_METRIC[task]), flush=True)
     budget = runs["trl_tuned"].get("wall_seconds")
     auto = runs["afina_auto"]
@@ -204,7 +204,7 @@ def run_task(task: str, first: str, paths: dict, args) -> dict:
         minutes = max(budget / 2 - loading, 1.0) / 60
         job = job_for("afina_half", task, paths, args)
         job["overrides"] += [f"training.max_time_minutes={minutes:.4f}"]
-        runs["afina_half"] = measure(job, args.smoke)
+        runs["afina_half"] = measure(job, args.smoke, args.out)
         print(task, "afina_half", summary_line(runs["afina_half"], MAIN_METRIC[task]), flush=True)
     base = runs["afina_1epoch"].pop("base", None)
     return {"main_metric": MAIN_METRIC[task], "budget_seconds": budget, "base": base, "runs": runs}
@@ -229,10 +229,16 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_job(json.loads(args.worker))))
+        job = json.loads(args.worker)
+        result = run_job(job)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with (Path(args.out) / "runs.jsonl").open("a") as runs:  # kept should a long run stop before its report
+            runs.write(json.dumps({"task": job["task"], "setting": job["setting"], **result}, ensure_ascii=False) + "\n")
+        print(json.dumps(result))
         return
     if args.smoke:
         args.train_rows, args.validation_rows, args.test_rows = 8, 2, 2
+    (Path(args.out) / "runs.jsonl").unlink(missing_ok=True)  # the workers append this run's settings to it
     results = {}
     with tempfile.TemporaryDirectory() as data_dir:
         for index, task in enumerate(args.tasks.split(",")):
