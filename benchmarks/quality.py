@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="8 training rows and 2 test rows per task, short rows and "
                         "answers, every setting in this process")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    parser.add_argument("--report", action="store_true", help="only rewrite the report from --out's runs.jsonl (the "
+                        "settings a stopped run finished; give that run's --train-rows and --test-rows)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -235,6 +237,9 @@ def main() -> None:
         with (Path(args.out) / "runs.jsonl").open("a") as runs:  # kept should a long run stop before its report
             runs.write(json.dumps({"task": job["task"], "setting": job["setting"], **result}, ensure_ascii=False) + "\n")
         print(json.dumps(result))
+        return
+    if args.report:
+        write_report(results_from_runs(Path(args.out) / "runs.jsonl"), args, Path(args.out))
         return
     if args.smoke:
         args.train_rows, args.validation_rows, args.test_rows = 8, 2, 2
@@ -250,10 +255,26 @@ def main() -> None:
 
 # ---------------------------------------------------------------- report
 
+def results_from_runs(path: Path) -> dict:
+    """The per-task results of the settings the workers recorded in runs.jsonl, as `run_task` returns them."""
+    results: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        run = json.loads(line)
+        task, setting = run.pop("task"), run.pop("setting")
+        entry = results.setdefault(task, {"main_metric": MAIN_METRIC[task], "budget_seconds": None, "base": None,
+                                          "runs": {}})
+        entry["base"] = run.pop("base", entry["base"])
+        entry["runs"][setting] = run
+        if setting == "trl_tuned":
+            entry["budget_seconds"] = run.get("wall_seconds")
+    return results
+
+
 def budget_entry(task: dict) -> str:
     """The afina run that answers (b): afina_auto if it took at most half the budget, else afina_half."""
     runs, budget = task["runs"], task["budget_seconds"] or 0
-    return "afina_half" if "afina_half" in runs else "afina_auto" if runs["afina_auto"].get("wall_seconds", 0) <= budget / 2 else ""
+    auto = runs.get("afina_auto", {}).get("wall_seconds")
+    return "afina_half" if "afina_half" in runs else "afina_auto" if auto and auto <= budget / 2 else ""
 
 
 def write_report(results: dict, args, out: Path) -> None:
@@ -291,7 +312,7 @@ def verdict_line(task: str, result: dict) -> str:
 
     def score(setting: str) -> str:
         run = runs.get(setting, {})
-        return f"{run[metric]:.1%} in {run['wall_seconds']:.0f}s" if metric in run else "failed"
+        return f"{run[metric]:.1%} in {run['wall_seconds']:.0f}s" if metric in run else "failed" if run else "not run"
 
     half = budget_entry(result)
     budget = f"{result['budget_seconds']:.0f}s" if result["budget_seconds"] else "?"
