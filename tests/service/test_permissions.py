@@ -217,3 +217,17 @@ def test_the_audit_list_filters_by_user_action_resource_and_time(world):
     assert "model_promoted" in run("--since", "1h").stdout
     assert [e.kind for e in world.store.events(actor="ada", action="manage_users")] == ["user_added"]
     assert "error[bad_time]" in run("--since", "yesterday").output
+
+
+def test_every_serving_route_but_health_and_ready_needs_a_key(world, served):
+    with TestClient(create_app(Engine(served), keys=world.store)) as client:
+        paths = {(method, route.path) for route in client.app.routes for method in getattr(route, "methods", ())}
+        assert ("GET", "/metrics") in paths and ("POST", "/v1/chat/completions") in paths
+        for method, path in sorted(paths):
+            answer = client.request(method, path)
+            if path in {"/health", "/ready"}:  # open: answered without a key (ready or not yet)
+                assert answer.status_code in {200, 503}, (method, path, answer.status_code)
+            else:
+                assert answer.status_code == 401, (method, path, answer.status_code)
+        assert client.get("/metrics", headers=world.headers("viewer")).status_code == 200
+        assert client.get("/docs").status_code in {401, 404}

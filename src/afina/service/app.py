@@ -20,7 +20,8 @@ data becomes typed placeholders (counted in /metrics and the log) and, with `san
 markup and control characters are removed. Log-probabilities would show the removed tokens, so
 such a server refuses `logprobs`.
 
-With `keys` (a store; `afina serve` passes one unless `--no-auth`), every /v1 route needs
+With `keys` (a store; `afina serve` passes one unless `--no-auth`), every route but /health and
+/ready needs
 `Authorization: Bearer KEY`: 401 for a missing, unknown, expired or revoked key, 403
 `permission_denied` when the key's user may not use models in the served `project`.
 """
@@ -103,7 +104,8 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: 
         await asyncio.to_thread(engine.stop)
 
     guard = [Depends(model_users(keys, project))] if keys is not None else []
-    app = FastAPI(title="afina", lifespan=lifespan, dependencies=guard)
+    app = FastAPI(title="afina", lifespan=lifespan, dependencies=guard, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     slots = Slots(settings.max_concurrent_requests)
     metrics = ServeMetrics()
     app.state.metrics = metrics
@@ -166,14 +168,18 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: 
     return app
 
 
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
 def model_users(store: Store, project: str):
-    """A dependency of every route: on /v1 routes, a live API key whose user may use models in
-    `project` (401, 403); /health and /ready stay open for load balancers."""
+    """A dependency of every route: a live API key whose user may use models in `project` (401,
+    403); only /health and /ready stay open, for load balancers (/metrics needs a key too)."""
 
     def check(request: Request) -> None:
-        if not request.url.path.startswith("/v1/"):
+        if request.url.path in OPEN_PATHS:
             return
         principal = require_key(request, store)
+        request.state.principal = principal  # the request log names the key's user
         try:
             store.check_permission(principal, "use_model", project)
         except AfinaError as error:
