@@ -330,7 +330,7 @@ def draw_chart(results: dict, target: Path) -> None:
     settings = ["base", "trl_defaults", "afina_1epoch", "trl_tuned", "afina_half", "afina_auto"]
     colors = {"base": "lightgray", "trl_defaults": "tab:orange", "trl_tuned": "tab:red", "afina_1epoch": "lightblue",
               "afina_half": "tab:cyan", "afina_auto": "tab:blue"}
-    figure, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(results), figsize=(max(5.0, 3.2 * len(results)), 3.6), squeeze=False)
     for axis, (task, result) in zip(axes[0], results.items()):
         rows = {"base": result["base"] or {}} | result["runs"]
         shown = [s for s in settings if result["main_metric"] in rows.get(s, {})]
