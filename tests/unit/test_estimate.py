@@ -394,3 +394,13 @@ def test_fsdp_memory_per_device_on_two_processes_is_within_25_percent_of_the_mea
     assert row.parallel == "fsdp"
     for bytes_held in measured:
         assert abs(row.sharded - bytes_held) <= 0.25 * bytes_held, (row.sharded, bytes_held)
+
+
+def test_shape_table_from_a_config_with_auto_training_fields(tmp_path, afina_home):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: x\ndata: {path: tickets.jsonl}\n"
+                      "training: {epochs: auto, learning_rate: auto, gradient_accumulation: auto, row_length: 512}\n")
+    result = CliRunner().invoke(cli(), ["estimate", str(config), "--shape", "llama-1b", "--gpu-gib", "24", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {(row["parallel"], row["devices"]) for row in rows} >= {("ddp", 1), ("fsdp", 8)}

@@ -95,9 +95,10 @@ def device_memory_table(config, examples: list[Example], machine: Machine, hf_co
 
 
 def synthetic_examples(config) -> list[Example]:
-    """One optimizer step of examples as long as a row, every token trained: what a table from the
-    model's config alone assumes of the data."""
-    length, count = config.training.row_length, config.training.rows_per_batch * config.training.gradient_accumulation
+    """One micro-batch of examples as long as a row, every token trained: what a table from the
+    model's config alone assumes of the data (accumulating more micro-batches, or `auto`, adds no
+    memory)."""
+    length, count = config.training.row_length, config.training.rows_per_batch
     return [Example([(i * 7 + j) % 1000 + 1 for j in range(length)], [True] * length, i + 1) for i in range(count)]
 
 
