@@ -20,11 +20,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto` -> `bf16` on CUDA with bf16 or a CPU with native bf16, else `fp32`."""
+    """`auto` -> `bf16` on CUDA with bf16 or a CPU with native bf16, else `fp32`. A CUDA device on a
+    machine without CUDA is a target the estimate describes (`--gpu-gib`): bf16, as on every data
+    centre GPU since Ampere."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 

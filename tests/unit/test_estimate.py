@@ -404,3 +404,12 @@ def test_shape_table_from_a_config_with_auto_training_fields(tmp_path, afina_hom
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert {(row["parallel"], row["devices"]) for row in rows} >= {("ddp", 1), ("fsdp", 8)}
+
+
+def test_a_gpu_table_drawn_without_a_gpu_assumes_bf16_for_auto_precision():
+    from afina.devices import resolve_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: auto follows its GPU")
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"

@@ -117,7 +117,8 @@ def advice(table: list[DeviceMemory]) -> str:
     fsdp = next((r for r in table if r.parallel == "fsdp" and r.fits), None)
     if fsdp is None:
         return (f"does not fit even with FSDP on {max(r.devices for r in table)} devices of "
-                f"{single.capacity / GiB:.0f} GiB: use a smaller method (lora, qlora), shorter rows, or more devices")
+                f"{single.capacity / GiB:.0f} GiB: turn on method.gradient_checkpointing, use shorter rows, a method "
+                "that trains less (lora, qlora), or more devices")
     return f"needs FSDP (training.parallel: fsdp) on {fsdp.devices} or more devices"
 
 
