@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from afina.errors import AfinaError
@@ -121,7 +122,23 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
 
 def migrate_store(engine: Engine) -> None:
     """Bring the database to the newest schema. Cheap when it is there already; when it is not, one
-    process migrates while the others wait on the lock, then find nothing left to do."""
+    process migrates while the others wait on the lock, then find nothing left to do.
+
+    A new SQLite file is the one place where SQLite answers "locked" at once instead of waiting
+    (processes racing to switch it to WAL, or to recover its WAL index): those tries are repeated
+    until the busy timeout has passed."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return _migrate(engine)
+        except OperationalError as error:
+            if engine.dialect.name != "sqlite" or "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            engine.dispose()  # a fresh connection sets the pragmas again
+            time.sleep(0.2)
+
+
+def _migrate(engine: Engine) -> None:
     scripts = ScriptDirectory.from_config(alembic_config())
     with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
