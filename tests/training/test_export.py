@@ -27,13 +27,7 @@ from afina.models.methods import apply_method
 from afina.pipeline.run_dir import write_records
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model gains nothing from threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/training/conftest.py
 
 
 def make_run(directory: Path, model_dir: Path, rows: list[dict], method: dict) -> Path:

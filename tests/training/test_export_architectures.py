@@ -83,12 +83,7 @@ def architecture_dir(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, tiny_model(tmp_path_factory.mktemp(request.param), request.param)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/training/conftest.py
 
 
 def test_each_architecture_answers_in_llama_cpp_as_in_transformers(architecture_dir, tmp_path):

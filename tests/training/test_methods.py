@@ -33,14 +33,7 @@ from afina.training.objectives import token_objective
 QUIET = Console(quiet=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's tensors gain nothing from threads, and on a busy 2-core machine OpenMP
-    threads waiting for a core made this file 30x slower (measured: 1 s against 38 s per run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/training/conftest.py
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 # method, learning rate, steps: enough for each method to cut the loss on the tiny model
