@@ -89,8 +89,12 @@ def show_shape_table(run_config, shape: str, gpu_gib: float | None, json_output:
     if shape not in LLAMA_SHAPES:
         raise AfinaError("unknown_shape", f"no model shape named {shape}", location="--shape",
                          hint="use one of: " + ", ".join(LLAMA_SHAPES))
-    # no data to choose `auto` fields from; none of them changes the memory of a micro-batch
-    fixed = {"gradient_accumulation": 1, "epochs": 1, "learning_rate": run_config.method.usual_learning_rate}
+    # no data to choose `auto` fields from; none but the row length changes the memory of a micro-batch,
+    # and an `auto` row is at most LONGEST_ROW tokens
+    from afina.training.auto import LONGEST_ROW
+
+    fixed = {"gradient_accumulation": 1, "epochs": 1, "learning_rate": run_config.method.usual_learning_rate,
+             "row_length": LONGEST_ROW}
     training = run_config.training.model_copy(update={name: fixed[name] for name in run_config.training.auto_fields()})
     run_config = run_config.model_copy(update={"training": training})
     rows = device_memory_table(run_config, synthetic_examples(run_config), target_machine(gpu_gib),

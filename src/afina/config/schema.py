@@ -59,7 +59,7 @@ def number_or_auto(kind: type, **bounds) -> object:
     return Annotated[kind | Literal["auto"], PlainValidator(validate, json_schema_input_type=kind | Literal["auto"])]
 
 
-AUTO_FIELDS = ("epochs", "gradient_accumulation", "learning_rate")  # the TrainingConfig fields that take `auto`
+AUTO_FIELDS = ("row_length", "epochs", "gradient_accumulation", "learning_rate")  # the fields that take `auto`
 
 
 class TrainingConfig(Strict):
@@ -67,7 +67,9 @@ class TrainingConfig(Strict):
         1.0, description="Passes over the training split (fractions allowed), or `auto`: 3, more for small data "
                          "(enough optimizer steps), fewer for large (afina.training.auto).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    row_length: int = Field(1024, ge=16, description="Tokens per packed row; examples are packed up to this length.")
+    row_length: number_or_auto(int, ge=16) = Field(
+        1024, description="Tokens per packed row; examples are packed up to this length. Or `auto`: 2048, shorter for "
+                          "small data so that a row holds about one step's examples (afina.training.auto).")
     rows_per_batch: int = Field(1, ge=1, description="Packed rows per micro-batch (halved automatically on out-of-memory).")
     gradient_accumulation: number_or_auto(int, ge=1) = Field(
         1, description="Micro-batches per optimizer step, or `auto`: about 0.2% of the training examples per step, "

@@ -40,13 +40,57 @@ STEP_SHARE = 0.002  # examples per step, as a share of the training examples
 MIN_EXAMPLES_PER_STEP, MAX_EXAMPLES_PER_STEP = 8, 256
 REFERENCE_EXAMPLES_PER_STEP = 8  # the step the methods' usual rates below are given for
 MAX_RATE_FACTOR = 5
+LONGEST_ROW = 2048  # `row_length: auto` where the data fills enough steps without shorter rows
+ROW_LENGTH_MULTIPLE = 64  # an `auto` row length is a multiple of this
 
-def count_items(examples: Sequence, method: MethodConfig, training: TrainingConfig) -> int:
+
+def wanted_examples_per_step(count: int) -> int:
+    """The rule's examples per step for `count` training examples: 0.2%, within its bounds."""
+    return min(MAX_EXAMPLES_PER_STEP, max(MIN_EXAMPLES_PER_STEP, round(STEP_SHARE * count)))
+
+
+def count_items(examples: Sequence, method: MethodConfig, training: TrainingConfig,
+                row_length: int | None = None) -> int:
     """How many items an epoch of `examples` is cut into: packed rows of tokenized examples, as the
-    objective packs them (`afina.data.packing.pack_examples`), else one item per unit."""
+    objective packs them (`afina.data.packing.pack_examples`) into rows of `row_length` (default
+    `training.row_length`), else one item per unit."""
     if examples and isinstance(examples[0], Example):
-        return len(pack_examples(list(examples), training.row_length, method.shares_prefixes))
+        return len(pack_examples(list(examples), row_length or training.row_length, method.shares_prefixes))
     return len(examples)
+
+
+def choose_row_length(examples: Sequence, method: MethodConfig, training: TrainingConfig) -> tuple[int, int, str]:
+    """`row_length: auto`: the longest row (`LONGEST_ROW`) unless an epoch of such rows would hold too
+    few optimizer steps; then the longest multiple of `ROW_LENGTH_MULTIPLE` whose rows hold about
+    one step's examples: the rule's examples per step, or more where the data has enough examples for
+    `MIN_STEPS` steps in `TARGET_EPOCHS` epochs. Never shorter than the longest example. Returns the
+    length, the rows an epoch packs into at that length, and the reason."""
+    if not (examples and isinstance(examples[0], Example)):
+        return LONGEST_ROW, len(examples), f"{LONGEST_ROW} tokens: pairs and completions are one item each, not packed"
+    count = len(examples)
+    longest = max(len(e.input_ids) for e in examples)
+    shortest = -(-longest // ROW_LENGTH_MULTIPLE) * ROW_LENGTH_MULTIPLE
+    top = max(shortest, LONGEST_ROW)
+    accumulation = 1 if training.gradient_accumulation == "auto" else training.gradient_accumulation
+    items_per_step = training.rows_per_batch * accumulation
+    per_step = max(wanted_examples_per_step(count), count * TARGET_EPOCHS / MIN_STEPS)
+    rows_wanted = math.ceil(count * items_per_step / per_step)  # rows of about per_step / items_per_step examples
+    rows_at = {top: count_items(examples, method, training, top)}
+    if rows_at[top] >= rows_wanted:
+        return top, rows_at[top], f"{top} tokens: {rows_at[top]} rows, enough for {per_step:.0f} examples per step at most"
+    low, high = shortest, top  # rows_at(low) >= rows_wanted > rows_at(high) once low is checked
+    rows_at[low] = count_items(examples, method, training, low)
+    if rows_at[low] < rows_wanted:
+        return low, rows_at[low], (f"{low} tokens, the longest example's {longest} rounded up: {rows_at[low]} rows "
+                     f"({count / rows_at[low]:.1f} examples each, {per_step / items_per_step:.1f} wanted)")
+    while high - low > ROW_LENGTH_MULTIPLE:
+        middle = (low + high) // 2 // ROW_LENGTH_MULTIPLE * ROW_LENGTH_MULTIPLE
+        rows_at[middle] = count_items(examples, method, training, middle)
+        low, high = (middle, high) if rows_at[middle] >= rows_wanted else (low, middle)
+    return low, rows_at[low], (f"{low} tokens: {rows_at[low]} rows of {count / rows_at[low]:.1f} examples, about "
+                 f"{per_step / items_per_step:.1f} wanted ({per_step:.0f} examples per step: "
+                 f"{wanted_examples_per_step(count)} by the step rule, {count * TARGET_EPOCHS / MIN_STEPS:.0f} for "
+                 f"{MIN_STEPS} steps in {TARGET_EPOCHS} epochs); {top}-token rows give only {rows_at[top]}")
 
 
 def choose_hyperparameters(examples: Sequence, method: MethodConfig,
@@ -56,14 +100,19 @@ def choose_hyperparameters(examples: Sequence, method: MethodConfig,
     numbers are read, never changed. Pure: the same data and config give the same choice."""
     auto = set(training.auto_fields())
     count = max(1, len(examples))
-    items = max(1, count_items(examples, method, training))
-    per_item = count / items  # examples in a packed row; 1 for pairs and completions
     values: dict[str, float | int] = {}
     reasons: dict[str, str] = {}
 
+    if "row_length" in auto:
+        values["row_length"], items, reasons["row_length"] = choose_row_length(examples, method, training)
+    else:
+        items = count_items(examples, method, training)
+    items = max(1, items)
+    per_item = count / items  # examples in a packed row; 1 for pairs and completions
+
     accumulation = training.gradient_accumulation
     if "gradient_accumulation" in auto:
-        wanted = min(MAX_EXAMPLES_PER_STEP, max(MIN_EXAMPLES_PER_STEP, round(STEP_SHARE * count)))
+        wanted = wanted_examples_per_step(count)
         accumulation = max(1, round(wanted / (training.rows_per_batch * per_item)))
         values["gradient_accumulation"] = accumulation
         reasons["gradient_accumulation"] = (
