@@ -3,6 +3,8 @@
     python benchmarks/quality.py                                  # default model, every task, 300/30/60 rows
     python benchmarks/quality.py --tasks invoices,intents --train-rows 300 --test-rows 60
     python benchmarks/quality.py --smoke --model PATH_TO_A_TINY_MODEL   # end to end in seconds
+    python benchmarks/quality.py --tasks intents --train-rows 100 --settings afina_auto \
+        --rule MIN_STEPS=50 --out benchmarks/results/rule-steps50    # a candidate `auto` rule, afina alone
 
 Tasks (benchmarks/tasks.py, deterministic; test rows never trained on): invoices (extraction into JSON,
 field accuracy), intents (14 labels, accuracy), replies (free text, ROUGE-L) and the bundled tickets
@@ -33,6 +35,12 @@ accuracy. Only training differs. Each run is a fresh process; on each task the s
 Reported per task: (a) each system at its defaults for one epoch (afina_1epoch, trl_defaults); (b) the
 same wall-clock budget: trl_tuned's epoch is the budget, and afina at half of it (afina_auto when it fits,
 else afina_half); (c) afina's best (afina_auto). Writes results.json, results.md and chart.png to --out.
+
+Fitting the `auto` rule (afina.training.auto): `--settings` runs only the named settings (afina's alone,
+say) and `--rule NAME=VALUE,...` sets constants of afina.training.auto in afina's workers (MIN_STEPS,
+MIN_EXAMPLES_PER_STEP, REFERENCE_EXAMPLES_PER_STEP, ...), so a candidate rule is measured exactly as
+afina would choose with it; `--afina-overrides` adds config overrides to afina's settings. Each run
+reports the row length, epochs, steps and rate it chose.
 """
 
 from __future__ import annotations
@@ -101,6 +109,7 @@ def run_afina(job: dict) -> dict:
     overrides = [f"model={job['model']}", f"data.path={paths['train']}", f"data.validation_path={paths['validation']}",
                  f"data.test_path={paths['test']}", f"name=quality-{job['task']}", *job["overrides"]]
     config = load_config(OWN_DATA_CONFIG, overrides)
+    set_rule(job.get("rule", {}))
     started = time.perf_counter()
     run_dir, result = run_training(config, Console(quiet=True))
     wall = time.perf_counter() - started
@@ -111,6 +120,8 @@ def run_afina(job: dict) -> dict:
     tokenizer = load_tokenizer(trained.model)
     outcome = {"wall_seconds": wall, "train_seconds": result.seconds, "steps": result.steps, "status": result.status,
                "epochs": trained.training.epochs, "learning_rate": trained.training.learning_rate,
+               "row_length": trained.training.row_length,
+               "gradient_accumulation": trained.training.gradient_accumulation,
                "examples_per_step": examples_per_step(paths["train"], trained.training.epochs, result.steps, result.status),
                **evaluate(model, tokenizer, paths["test"], job["max_new_tokens"])}
     if job.get("base"):
@@ -118,6 +129,25 @@ def run_afina(job: dict) -> dict:
             outcome["base"] = evaluate(untuned, tokenizer, paths["test"], job["max_new_tokens"])
     shutil.rmtree(run_dir, ignore_errors=True)
     return outcome
+
+
+def set_rule(rule: dict[str, str]) -> None:
+    """A candidate `auto` rule: the named constants of afina.training.auto set, each in its own type."""
+    import afina.training.auto as auto
+
+    for name, value in rule.items():
+        setattr(auto, name, type(getattr(auto, name))(float(value)))
+
+
+def parse_rule(text: str) -> dict[str, str]:
+    """`--rule NAME=VALUE,...` checked against afina.training.auto's numeric constants."""
+    import afina.training.auto as auto
+
+    rule = dict(part.split("=", 1) for part in text.split(",") if part) if text else {}
+    unknown = [name for name in rule if not isinstance(getattr(auto, name, None), (int, float))]
+    if unknown:
+        raise SystemExit(f"--rule: {', '.join(unknown)} is not a numeric constant of afina.training.auto")
+    return rule
 
 
 def examples_per_step(train_path: str, epochs: float, steps: int, status: str) -> float | None:
@@ -183,22 +213,22 @@ def measure(job: dict, in_process: bool, out: str) -> dict:
 def job_for(setting: str, task: str, paths: dict, args) -> dict:
     answer_tokens = min(MAX_NEW_TOKENS[task], SMOKE_NEW_TOKENS) if args.smoke else MAX_NEW_TOKENS[task]
     job = {"setting": setting, "task": task, "model": args.model, "max_new_tokens": answer_tokens,
-           "paths": {split: str(path) for split, path in paths.items()}}
+           "rule": parse_rule(args.rule), "paths": {split: str(path) for split, path in paths.items()}}
     if setting in TRL_SETTINGS:
         return {**job, "system": "trl"}
-    overrides = AFINA_SETTINGS.get(setting, []) + (SMOKE_AFINA if args.smoke else [])
+    overrides = AFINA_SETTINGS.get(setting, []) + (SMOKE_AFINA if args.smoke else []) + args.afina_overrides.split()
     return {**job, "system": "afina", "overrides": overrides, "base": setting == "afina_1epoch"}
 
 
 def run_task(task: str, first: str, paths: dict, args) -> dict:
-    """Every setting on one task, TRL and afina taking turns (`first` starts), then afina_half if needed."""
+    """The settings asked for on one task, TRL and afina taking turns (`first` starts), then afina_half if needed."""
     order = ORDER if first == "trl" else [ORDER[1], ORDER[0], ORDER[3], ORDER[2]]
     runs: dict[str, dict] = {}
-    for setting in order:
+    for setting in [s for s in order if s in args.settings.split(",")]:
         runs[setting] = measure(job_for(setting, task, paths, args), args.smoke, args.out)
         print(task, setting, summary_line(runs[setting], MAIN_METRIC[task]), flush=True)
-    budget = runs["trl_tuned"].get("wall_seconds")
-    auto = runs["afina_auto"]
+    budget = runs.get("trl_tuned", {}).get("wall_seconds")
+    auto = runs.get("afina_auto", {})
     if budget and "wall_seconds" in auto and auto["wall_seconds"] > budget / 2:
         loading = auto["wall_seconds"] - auto["train_seconds"]  # reading data, loading the model, saving
         minutes = max(budget / 2 - loading, 1.0) / 60
@@ -206,7 +236,7 @@ def run_task(task: str, first: str, paths: dict, args) -> dict:
         job["overrides"] += [f"training.max_time_minutes={minutes:.4f}"]
         runs["afina_half"] = measure(job, args.smoke, args.out)
         print(task, "afina_half", summary_line(runs["afina_half"], MAIN_METRIC[task]), flush=True)
-    base = runs["afina_1epoch"].pop("base", None)
+    base = runs.get("afina_1epoch", {}).pop("base", None)
     return {"main_metric": MAIN_METRIC[task], "budget_seconds": budget, "base": base, "runs": runs}
 
 
@@ -223,6 +253,11 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=300)
     parser.add_argument("--validation-rows", type=int, default=30)
     parser.add_argument("--test-rows", type=int, default=60)
+    parser.add_argument("--settings", default=",".join(ORDER), help="the settings to run, of " + ", ".join(ORDER))
+    parser.add_argument("--rule", default="", help="a candidate auto rule for afina's runs: NAME=VALUE,... constants "
+                        "of afina.training.auto (MIN_STEPS=50,MIN_EXAMPLES_PER_STEP=4)")
+    parser.add_argument("--afina-overrides", default="", help="key=value overrides added to afina's settings, "
+                        "space-separated (training.row_length=2048: the config before row_length auto)")
     parser.add_argument("--smoke", action="store_true", help="8 training rows and 2 test rows per task, short rows and "
                         "answers, every setting in this process")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality"))
@@ -238,6 +273,10 @@ def main() -> None:
             runs.write(json.dumps({"task": job["task"], "setting": job["setting"], **result}, ensure_ascii=False) + "\n")
         print(json.dumps(result))
         return
+    unknown = set(args.settings.split(",")) - set(ORDER)
+    if unknown:
+        parser.error(f"--settings: unknown {', '.join(sorted(unknown))}; use some of {', '.join(ORDER)}")
+    parse_rule(args.rule)
     if args.report:
         write_report(results_from_runs(Path(args.out) / "runs.jsonl"), args, Path(args.out))
         return
@@ -284,21 +323,21 @@ def write_report(results: dict, args, out: Path) -> None:
     lines = [f"# Quality at the defaults: afina vs TRL SFTTrainer + PEFT LoRA ({args.model} model)", "",
              (f"{args.train_rows} training rows, {args.test_rows} held-out test rows per task; greedy answers "
               "scored by afina's scorer for every system"), "",
-             "| task | setting | epochs | steps | examples/step | lr | wall (s) | " +
-             " | ".join(label for _, label in METRICS) + " |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |" +
+             "| task | setting | row | epochs | steps | examples/step | lr | wall (s) | " +
+             " | ".join(label for _, label in METRICS) + " |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" +
              " ---: |" * len(METRICS)]
     for task, result in results.items():
         rows = {"base": result["base"] or {}} | result["runs"]
         for setting, run in rows.items():
             if "error" in run:
-                lines.append(f"| {task} | {setting} | failed: {run['error'][:80]} |" + " |" * (5 + len(METRICS)))
+                lines.append(f"| {task} | {setting} | failed: {run['error'][:80]} |" + " |" * (6 + len(METRICS)))
                 continue
             cells = [f"{run[key]:.1%}" if key in run else "-" for key, _ in METRICS]
             main = next(i for i, (key, _) in enumerate(METRICS) if key == result["main_metric"])
             cells[main] = f"**{cells[main]}**"
-            numbers = ([f"{run['epochs']:g}", str(run["steps"]), f"{run['examples_per_step']:.1f}" if run["examples_per_step"] else "-",
-                        f"{run['learning_rate']:g}", f"{run['wall_seconds']:.0f}"] if setting != "base"
-                       else ["-"] * 5)
+            per_step = f"{run['examples_per_step']:.1f}" if run.get("examples_per_step") else "-"
+            numbers = ([str(run.get("row_length", "-")), f"{run['epochs']:g}", str(run["steps"]), per_step,
+                        f"{run['learning_rate']:g}", f"{run['wall_seconds']:.0f}"] if setting != "base" else ["-"] * 6)
             lines.append(f"| {task} | {setting} | " + " | ".join(numbers + cells) + " |")
     lines += ["", "main metric in bold. Per task:", ""] + [verdict_line(task, result) for task, result in results.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -1,4 +1,4 @@
-"""`auto` training settings: epochs, examples per step and learning rate chosen from the data.
+"""`auto` training settings: row length, epochs, examples per step and learning rate chosen from the data.
 
     values, reasons = choose_hyperparameters(train_examples, config.method, config.training)
 
@@ -6,7 +6,15 @@ The rule follows the OpenAI fine-tuning API's `auto` (3 epochs, more for small d
 large, a batch of about 0.2% of the examples, a learning rate that grows with the batch), but counts
 optimizer steps rather than examples: afina packs many short examples into one row, so a small data
 set that OpenAI would train for hundreds of steps takes a few dozen here, and stops learning there.
+Small data therefore gets shorter rows first, then more epochs.
 
+- row length (`row_length`): 2048 tokens, unless an epoch of such rows would hold too few steps.
+  Then the longest multiple of 64 tokens whose rows hold about one step's examples (per micro-batch
+  and accumulation, the latter taken as 1 while `auto`): the examples per step below, or more where
+  the data has enough examples for 100 steps in 3 epochs (3% of the examples per step). Never
+  shorter than the longest example. A 2048-token row of examples sharing a long system prompt holds
+  about 50 of them (the prompt is held once per row), so 100 such examples would otherwise make 2
+  steps an epoch; rows of about 8 make 13. Shorter rows also cost less attention per token.
 - examples per step (`gradient_accumulation`): about 0.2% of the training examples, at least 8 and at
   most 256, rounded to whole micro-batches (`rows_per_batch` items each), at least one. A small data
   set gets the smallest step, one micro-batch, which leaves the most optimizer steps.
@@ -17,9 +25,10 @@ set that OpenAI would train for hundreds of steps takes a few dozen here, and st
   averages the gradient of its examples, so a larger step is less noisy and takes a larger rate.
 
 An item is what a step is cut from (`afina.training.objectives`): a packed row of examples (sft,
-cpt) or one pair or completion; examples per step = items per step x examples per item.
-A field given as a number is never changed. The values are chosen before the run directory is
-written, so the run's config.json holds numbers and a resumed run keeps them.
+cpt) or one pair or completion (their `auto` row length is 2048); examples per step = items per
+step x examples per item. A field given as a number is never changed, and the others are chosen
+from it. The values are chosen before the run directory is written, so the run's config.json holds
+numbers and a resumed run keeps them.
 """
 
 from __future__ import annotations
