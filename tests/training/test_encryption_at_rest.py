@@ -140,14 +140,18 @@ def test_a_run_with_masking_and_a_master_key_leaves_nothing_readable(tiny_model_
 
 
 def test_resume_from_an_encrypted_checkpoint_matches_an_uninterrupted_run(tiny_model_dir, tiny_tokenizer, ticket_rows,
-                                                                           tmp_path, master_key_hex):
+                                                                           tmp_path, master_key_hex, monkeypatch):
+    import afina.sealing
     from afina.models.methods import trainable_parameters
+    from afina.security.encryption import use_encryption
     from afina.training.checkpoints import latest_checkpoint
     from afina.training.loop import stop_when, train
     from afina.training.objectives import token_objective
     from tests.scripted import ScriptedObjective
     from tests.training.test_training import config, examples, lora_model
 
+    monkeypatch.setattr(afina.sealing, "_handed_down", afina.sealing.PlainFiles())  # restored afterwards
+    use_encryption()  # the test drives the training loop itself, so it hands the encryption down as afina's commands do
     data = examples(tiny_tokenizer, ticket_rows)
     pad = tiny_tokenizer.pad_token_id
     straight = lora_model(tiny_model_dir)

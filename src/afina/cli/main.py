@@ -42,3 +42,12 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(users.users_app, name="users")
 app.command("server")(user_errors(server.server_command))
 app.command("worker")(user_errors(server.worker_command))
+
+
+@app.callback()
+def hand_down_encryption() -> None:
+    # Every command: the lower layers it drives (models, training) keep files encrypted at rest through
+    # what the CLI hands them (`afina.sealing`); torchrun's processes run this command too.
+    from afina.security.encryption import use_encryption
+
+    use_encryption()

@@ -35,7 +35,7 @@ from afina.export.roundtrip import (
 )
 from afina.export.source import ExportSource, resolve_source
 from afina.paths import afina_home
-from afina.security.encryption import encrypt_tree
+from afina.security.encryption import encrypt_tree, use_encryption
 
 FORMATS = ("safetensors", "gguf")
 EXACT = ("f32", "f16", "bf16")
@@ -67,6 +67,7 @@ def export_model(target: str, export_format: str, quant: str | None = None, out:
                  console: Console | None = None) -> ExportResult:
     """Export the run or registered model `target` as `export_format` and prove it answers as the
     tuned model does on `prompts` test prompts (unless `verify` is off)."""
+    use_encryption()  # the run is read, and a GGUF converted for its check, through it (afina.sealing)
     console = console or Console(quiet=True)
     quant = check_request(export_format, quant, verify)
     source = resolve_source(target)

@@ -30,6 +30,7 @@ from typing import Any
 from rich.console import Console
 
 from afina.errors import AfinaError
+from afina.security.encryption import use_encryption
 from afina.store import Job, Store
 
 
@@ -143,6 +144,7 @@ class Worker:
     def __init__(self, store: Store, *, name: str | None = None, run_job: RunJob = run_workflow_job,
                  lease_seconds: float = 60.0, poll_seconds: float = 2.0, check_seconds: float = 1.0,
                  console: Console | None = None):
+        use_encryption()  # a job's run is kept encrypted at rest when a master key is set
         self.store, self.run_job = store, run_job
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.lease_seconds, self.poll_seconds = lease_seconds, poll_seconds

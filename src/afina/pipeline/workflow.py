@@ -32,9 +32,10 @@ from afina.pipeline.notify import Notification, notify
 from afina.pipeline.prepare import PreparedData, resolve_data_path
 from afina.pipeline.run_dir import create_run_dir, delete_trained, load_run_config
 from afina.pipeline.stages import evaluate_run, load_training_model, prepare_run, train_run
-from afina.security.encryption import read_bytes
+from afina.security.encryption import read_bytes, use_encryption
 from afina.store import Store
 from afina.training.checkpoints import sha256
+from afina.training.distributed import train_on_devices
 from afina.training.objectives import objective_for
 
 
@@ -69,9 +70,12 @@ def weights_sha256(model: str) -> str:
 class Workflow:
     """One attempt: its config, run directory and store records, run stage by stage."""
 
-    def __init__(self, config: RunConfig, store: Store, console: Console, run_dir: Path | None = None):
+    def __init__(self, config: RunConfig, store: Store, console: Console, run_dir: Path | None = None,
+                 devices: int = 1):
+        use_encryption()  # the lower layers the stages drive seal and read files through it (afina.sealing)
         self.config, self.store, self.console = config, store, console
         self.run_dir = run_dir
+        self.devices = devices  # processes of the training stage (`afina run --devices N`)
         self.data: PreparedData | None = None
         self.model = None  # loaded before a new run's directory appears; a resumed run loads its own
 
@@ -100,9 +104,9 @@ class Workflow:
         return figures
 
 
-def start_workflow(config: RunConfig, store: Store, console: Console) -> WorkflowResult:
+def start_workflow(config: RunConfig, store: Store, console: Console, devices: int = 1) -> WorkflowResult:
     """A new attempt: everything that can be checked is checked before the run directory exists."""
-    flow = Workflow(config, store, console)
+    flow = Workflow(config, store, console, devices=devices)
     objective_for(config).check_gate(config)  # a gate on a metric the objective cannot score: before any work
     data = prepare_run(config, console)  # validate and split: bad input stops here, nothing written
     flow.data, flow.model = data, load_training_model(config, console)  # a model that cannot load: nothing written
@@ -115,10 +119,10 @@ def start_workflow(config: RunConfig, store: Store, console: Console) -> Workflo
     return continue_workflow(flow)
 
 
-def resume_workflow(run_dir: Path, store: Store, console: Console) -> WorkflowResult:
+def resume_workflow(run_dir: Path, store: Store, console: Console, devices: int = 1) -> WorkflowResult:
     """Continue an attempt from the stage it stopped in; finished stages are not redone."""
     config = load_run_config(run_dir)
-    flow = Workflow(config, store, console, run_dir)
+    flow = Workflow(config, store, console, run_dir, devices)
     run = store.get_run(flow.run_id)
     if run.status in ("succeeded", "discarded"):
         console.print(f"run {flow.run_id} already ended: {run.status}")
@@ -192,8 +196,12 @@ def record_data_files(store: Store, config: RunConfig, data: PreparedData) -> di
 
 
 def train_stage(flow: Workflow) -> tuple[dict, str]:
-    data = flow.data or prepare_run(flow.config, flow.console)
-    result = train_run(flow.config, data, flow.run_dir, flow.console, flow.model)
+    if flow.devices > 1:  # torchrun's processes train the run directory; this one waits for them
+        flow.model = None
+        result = train_on_devices(flow.run_dir, flow.devices)
+    else:
+        data = flow.data or prepare_run(flow.config, flow.console)
+        result = train_run(flow.config, data, flow.run_dir, flow.console, flow.model)
     if result.status == "interrupted":
         raise KeyboardInterrupt
     if result.status == "diverged":

@@ -23,6 +23,12 @@ naming the file: never partial or garbled plaintext.
 Without a master key nothing is encrypted and every function here reads and writes plain files, so
 afina behaves exactly as before. Encrypted and plain files are told apart by the magic header, which
 lets a store that was started without a key be encrypted later.
+
+The lower layers (models, training) never import this module: they read and write through the
+`afina.sealing.SealedFiles` protocol, and the layers that compose afina hand them this
+implementation once per process:
+
+    use_encryption()                     # afina.sealing.sealed_files() is now ENCRYPTED_FILES
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from afina.errors import AfinaError
+from afina.sealing import MAGIC, is_sealed, looks_sealed, use_sealed_files
 from afina.security.master_key import MasterKey, master_key
 
-MAGIC = b"AFINAENC"
 VERSION = 1
 CHUNK_SIZE = 1 << 20
 NONCE_SIZE = 12
@@ -73,18 +79,7 @@ class Header:
         return self.fixed() + self.key_id
 
 
-def looks_sealed(head: bytes) -> bool:
-    """True for a file's first bytes that are afina's magic, or a file cut short inside it."""
-    return head == MAGIC or 0 < len(head) < len(MAGIC) and MAGIC.startswith(head)
-
-
-def is_encrypted(path: str | Path) -> bool:
-    """True when `path` is a file that starts with afina's magic header."""
-    try:
-        with open(path, "rb") as handle:
-            return looks_sealed(handle.read(len(MAGIC)))
-    except (IsADirectoryError, FileNotFoundError):
-        return False
+is_encrypted = is_sealed  # True when a file starts with afina's magic header
 
 
 def decryption_failed(path: str | Path, reason: str) -> AfinaError:
@@ -308,3 +303,31 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+# --- handed down to the lower layers -------------------------------------------------------------
+
+class EncryptedFiles:
+    """`afina.sealing.SealedFiles` under the master key of the environment (read at each call, so a
+    rotated key is used at once): sealed when a key is set, plain files as they are otherwise."""
+
+    def read_bytes(self, path: str | Path) -> bytes:
+        return read_bytes(path)
+
+    def plain_chunks(self, path: str | Path) -> Iterator[bytes]:
+        return plain_chunks(path)
+
+    def plain_copy(self, path: str | Path) -> contextlib.AbstractContextManager[Path]:
+        return decrypted_copy(path)
+
+    def seal_tree(self, directory: str | Path) -> int:
+        return encrypt_tree(directory)
+
+
+ENCRYPTED_FILES = EncryptedFiles()
+
+
+def use_encryption() -> None:
+    """Hand encryption at rest down to the lower layers of this process (`afina.sealing`); the CLI,
+    the services, the jobs worker, the pipeline, export and serving call it before they work."""
+    use_sealed_files(ENCRYPTED_FILES)

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from afina.errors import AfinaError
+from afina.sealing import KEY_FILE_VARIABLE, KEY_VARIABLE
 
-KEY_VARIABLE = "AFINA_MASTER_KEY"
-KEY_FILE_VARIABLE = "AFINA_MASTER_KEY_FILE"
 NEW_KEY_VARIABLE = "AFINA_NEW_MASTER_KEY"
 KEY_BYTES = 32
 

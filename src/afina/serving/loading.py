@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from afina.errors import AfinaError
-from afina.security.encryption import decrypted_copy, read_bytes
+from afina.security.encryption import decrypted_copy, read_bytes, use_encryption
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,7 @@ def load_served_models(sources: list[ModelSource], device: torch.device | None =
     from afina.models.artifacts import check_trained
     from afina.models.loading import load_model, load_tokenizer
 
+    use_encryption()  # encrypted runs and exports are read through it (afina.sealing)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = [s.name for s in sources]
     duplicated = sorted({n for n in names if names.count(n) > 1})

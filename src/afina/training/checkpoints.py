@@ -4,7 +4,8 @@ A checkpoint is written into a hidden staging directory, every file is fsynced a
 `manifest.json`, and only then is the directory renamed to `step-NNNNNNN`. A crash mid-write leaves
 a staging directory that is never read; a checkpoint whose files no longer match its manifest is
 skipped in favour of the previous one. With a master key every file but the manifest is encrypted
-(`afina.security.encryption`) before the rename, and decrypted in memory when restored.
+before the rename, and decrypted in memory when restored, through the sealed files the process was
+handed (`afina.sealing`): a process given none refuses to write a checkpoint in plain text.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from afina.security.encryption import encrypt_tree, load_tensors, read_bytes
+from afina.sealing import load_tensors, sealed_files
 
 CHECKPOINT = re.compile(r"^step-(\d{7})$")
 
@@ -52,7 +53,7 @@ def save_checkpoint(directory: Path, step: int, trainable: dict[str, torch.Tenso
     staging.mkdir()
     try:
         _write_files(staging, step, trainable, optimizer, scheduler, state)
-    except OSError:  # a full disk or an I/O error: leave nothing that looks like a checkpoint
+    except BaseException:  # a full disk, an I/O error, files that could not be sealed: leave nothing behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if final.exists():
@@ -73,7 +74,7 @@ def _write_files(staging: Path, step: int, trainable: dict[str, torch.Tensor], o
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                staging / "optimizer.pt")
     (staging / "state.json").write_text(json.dumps({**state, "step": step}))
-    encrypt_tree(staging)  # with a master key; the manifest then hashes the files as they are on disk
+    sealed_files().seal_tree(staging)  # with a master key; the manifest then hashes the files as they are on disk
     files = sorted(p for p in staging.iterdir())
     for path in files:
         with path.open("rb") as handle:
@@ -112,7 +113,7 @@ def latest_checkpoint(directory: Path) -> Checkpoint | None:
     """The newest checkpoint whose files match its manifest."""
     for path in reversed(list_checkpoints(directory)):
         if is_intact(path):
-            state = json.loads(read_bytes(path / "state.json"))
+            state = json.loads(sealed_files().read_bytes(path / "state.json"))
             return Checkpoint(path, state["step"], state)
     return None
 
@@ -129,7 +130,7 @@ def restore_weights(path: Path | None, trainable: dict[str, torch.Tensor]) -> No
 
 def restore_checkpoint(checkpoint: Checkpoint, trainable: dict[str, torch.Tensor], optimizer, scheduler) -> None:
     restore_weights(checkpoint.path, trainable)
-    saved = torch.load(io.BytesIO(read_bytes(checkpoint.path / "optimizer.pt")), weights_only=True)
+    saved = torch.load(io.BytesIO(sealed_files().read_bytes(checkpoint.path / "optimizer.pt")), weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])

@@ -26,7 +26,7 @@ from afina.data.tokenize import Example
 from afina.errors import AfinaError
 from afina.models.logprobs import REWARD_HEAD, score_sequences
 from afina.models.methods import unwrap
-from afina.security.encryption import load_tensors
+from afina.sealing import load_tensors
 
 HEAD_FILE = "reward_head.safetensors"
 INFO_FILE = "reward.json"
