@@ -29,6 +29,7 @@ from afina.errors import AfinaError
 from afina.jobs.keys import hash_api_key, new_api_key, parse_duration
 from afina.service.jobs_api import JobsSettings, create_jobs_app
 from afina.service.tls import uvicorn_config
+from afina.security.permissions import authorize
 from afina.store import open_store
 from afina.store.database import alembic_config
 from afina.store.tables import utcnow
@@ -38,7 +39,7 @@ from afina.store.tables import utcnow
 def store(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("AFINA_DATABASE_URL", url)
-    with open_store(url) as opened:
+    with open_store(url, authorize=authorize) as opened:
         opened.add_user("ada", role="admin")
         opened.add_user("maria", role="engineer")
         yield opened

@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 
 from afina.cli.main import app as cli
 from afina.jobs.keys import hash_api_key, new_api_key
-from afina.security.permissions import ACTIONS, PERMISSIONS, ROLES
+from afina.security.permissions import ACTIONS, PERMISSIONS, authorize
 from afina.service.app import create_app
 from afina.service.jobs_api import JobsSettings, create_jobs_app
 from afina.serving.engine import Engine
 from afina.serving.loading import ModelSource, load_served_models
 from afina.store import open_store
+from afina.store.principals import ROLES
 from tests.conftest import chat_row
 from tests.service.test_store import new_model
 
@@ -52,7 +53,7 @@ class World:
     each, an uploaded file, a queued job and a registered model."""
 
     def __init__(self, url: str):
-        self.store = open_store(url)
+        self.store = open_store(url, authorize=authorize)
         self.store.add_user("ada", role="admin")
         self.keys = {}
         for role in ROLES:

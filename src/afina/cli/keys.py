@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from afina.cli.console import console, user_errors
-from afina.cli.users import UserOption, acting_principal
+from afina.cli.users import UserOption, acting_principal, open_user_store
 
 keys_app = typer.Typer(help="API keys (created, listed, revoked) and the master key (rotated).", no_args_is_help=True)
 
@@ -32,12 +32,11 @@ def create_command(
 ) -> None:
     """Create a key and print it once: only its SHA-256 is kept. It acts as its owner, with the owner's roles."""
     from afina.jobs.keys import hash_api_key, new_api_key, parse_duration
-    from afina.store import open_store
     from afina.store.tables import utcnow
 
     expires = utcnow() + parse_duration(expires_in) if expires_in else None
     key = new_api_key()
-    with open_store() as store:
+    with open_user_store() as store:
         by = acting_principal(store, user)
         owner = owner or (by.user if store.has_users() else None)
         record = store.create_api_key(name, hash_api_key(key), expires, user=owner, by=by)
@@ -51,10 +50,9 @@ def create_command(
 @user_errors
 def list_command(user: UserOption = None) -> None:
     """The keys: owner, state, when created, expiring or revoked (never the keys themselves)."""
-    from afina.store import open_store
     from afina.store.tables import utcnow
 
-    with open_store() as store:
+    with open_user_store() as store:
         keys = store.list_api_keys(by=acting_principal(store, user))
     now = utcnow()
     table = Table("id", "name", "owner", "state", "created", "expires", "revoked")
@@ -74,9 +72,8 @@ def revoke_command(
     user: UserOption = None,
 ) -> None:
     """Revoke every live key with this name; requests with them get 401 from then on."""
-    from afina.store import open_store
 
-    with open_store() as store:
+    with open_user_store() as store:
         revoked = store.revoke_api_keys(name, user=owner, by=acting_principal(store, user))
     console.print(f"revoked {len(revoked)} key(s) named {name}", markup=False, highlight=False)
 

@@ -12,18 +12,12 @@ import typer
 from rich.table import Table
 
 from afina.cli.console import console, user_errors
-from afina.cli.users import UserOption, acting_principal
+from afina.cli.users import UserOption, acting_principal, open_user_store
 from afina.errors import AfinaError
 
 models_app = typer.Typer(help="Registered model versions: list, show, promote an alias, delete.",
                          no_args_is_help=True)
 runs_app = typer.Typer(help="Every attempt of `afina run`: its stages, decision and figures.", no_args_is_help=True)
-
-
-def _store():
-    from afina.store import open_store
-
-    return open_store()
 
 
 @models_app.command("list")
@@ -32,7 +26,7 @@ def models_list(name: str = typer.Argument(None, help="Only this model name"),
                 deleted: bool = typer.Option(False, "--deleted", help="Include deleted versions"),
                 user: UserOption = None) -> None:
     """Model versions, newest first, with their aliases and headline figures."""
-    with _store() as store:
+    with open_user_store() as store:
         models = store.list_models(name, include_deleted=deleted, by=acting_principal(store, user))
     table = Table(title="models")
     for column in ("model", "aliases", "status", "run", "gate", "created"):
@@ -53,7 +47,7 @@ def models_show(ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME:
     """Everything recorded of one model version: lineage, metrics, the gate's decision, artifacts."""
     from dataclasses import asdict
 
-    with _store() as store:
+    with open_user_store() as store:
         model = store.get_model(ref, by=acting_principal(store, user))
     console.print_json(json.dumps(asdict(model), default=str))
 
@@ -65,7 +59,7 @@ def models_promote(ref: str = typer.Argument(..., help="NAME or NAME:VERSION (de
                    user: UserOption = None) -> None:
     """Point ALIAS at a model version (moving it from the version that had it)."""
     name, _, version = ref.partition(":")
-    with _store() as store:
+    with open_user_store() as store:
         model = store.promote(name, alias, int(version) if version.isdigit() else None,
                               by=acting_principal(store, user))
     console.print(f"{alias} -> {model.name}:{model.version}")
@@ -79,7 +73,7 @@ def models_delete(ref: str = typer.Argument(..., help="NAME:VERSION"), user: Use
 
     from afina.pipeline.run_dir import delete_trained
 
-    with _store() as store:
+    with open_user_store() as store:
         model = store.delete_model(ref, by=acting_principal(store, user))
     if model.artifacts.get("run_dir"):
         delete_trained(Path(model.artifacts["run_dir"]))
@@ -91,7 +85,7 @@ def models_delete(ref: str = typer.Argument(..., help="NAME:VERSION"), user: Use
 def runs_list(status: str = typer.Option(None, help="Only runs with this status"),
               limit: int = typer.Option(20, help="How many, newest first"), user: UserOption = None) -> None:
     """Attempts with their status, decision and headline metric."""
-    with _store() as store:
+    with open_user_store() as store:
         runs = store.list_runs(status=status, limit=limit, by=acting_principal(store, user))
     table = Table(title="runs")
     for column in ("run", "status", "decision", "metric", "created"):
@@ -107,7 +101,7 @@ def runs_list(status: str = typer.Option(None, help="Only runs with this status"
 def runs_show(run_id: str = typer.Argument(..., help="Run id (the run directory's name)"),
               user: UserOption = None) -> None:
     """One attempt: its stages with their figures, and its events."""
-    with _store() as store:
+    with open_user_store() as store:
         run = store.get_run(run_id, by=acting_principal(store, user))
         stages, events = store.stages(run_id), store.events(run_id)
     console.print(f"[bold]{run.id}[/] {run.status}" + (f", {run.decision}" if run.decision else "")
@@ -148,7 +142,7 @@ def audit_list(
 ) -> None:
     """Events with who acted, what happened, on what, and how it ended."""
     start = parse_since(since) if since else None
-    with _store() as store:
+    with open_user_store() as store:
         events = store.events(run_id, actor=user, action=action, resource=resource, since=start,
                               by=acting_principal(store, acting_as))[-limit:]
     table = Table(title="audit trail")
@@ -184,7 +178,7 @@ def parse_since(text: str) -> datetime:
 @user_errors
 def audit_verify(acting_as: ActingAs = None) -> None:
     """Check the hash chain of every event; exit 1 at the first edited, deleted or reordered one."""
-    with _store() as store:
+    with open_user_store() as store:
         check = store.verify_events(by=acting_principal(store, acting_as))
     if not check.ok:
         console.print(f"[red]audit trail broken[/] at event {check.broken_at}: {check.reason} "

@@ -8,7 +8,7 @@ from afina.cli.console import console
 from afina.cli.server import TlsCert, TlsKey
 from afina.cli.users import UserOption, acting_principal
 from afina.errors import AfinaError
-from afina.security.permissions import DEFAULT_PROJECT
+from afina.store.principals import DEFAULT_PROJECT
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ENGINES = ("transformers", "llama.cpp")

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from afina.cli.console import console, user_errors
 from afina.errors import AfinaError
-from afina.security.permissions import DEFAULT_PROJECT, ROLES, Principal, owner
+from afina.store.principals import DEFAULT_PROJECT, ROLES, Principal, owner
 
 UserOption = Annotated[str | None, typer.Option(
     "--user", envvar="AFINA_USER", help="Who is acting (default: AFINA_USER); needed once the store has users")]
@@ -51,10 +51,12 @@ def local_user() -> str:
         return "unknown"
 
 
-def _store():
+def open_user_store():
+    """The store, checking what the acting user may do (`afina.security.permissions`)."""
+    from afina.security.permissions import authorize
     from afina.store import open_store
 
-    return open_store()
+    return open_store(authorize=authorize)
 
 
 @users_app.command("add")
@@ -66,7 +68,7 @@ def add_command(
     user: UserOption = None,
 ) -> None:
     """Add a user (an admin of the default project does this), with a role in a project."""
-    with _store() as store:
+    with open_user_store() as store:
         added = store.add_user(name, project=project, role=role, by=acting_principal(store, user))
     roles = ", ".join(f"{r} in {p}" for p, r in added.roles.items()) or "no role yet"
     console.print(f"added user {added.name}: {roles}; keys: afina keys create NAME --owner {added.name}",
@@ -82,7 +84,7 @@ def grant_command(
     user: UserOption = None,
 ) -> None:
     """Give a user a role in a project (replacing the one they had there)."""
-    with _store() as store:
+    with open_user_store() as store:
         store.grant(name, project, role, by=acting_principal(store, user))
     console.print(f"{name} is {role} in project {project}", markup=False, highlight=False)
 
@@ -95,7 +97,7 @@ def revoke_command(
     user: UserOption = None,
 ) -> None:
     """Take a user's role in a project away."""
-    with _store() as store:
+    with open_user_store() as store:
         store.revoke_role(name, project, by=acting_principal(store, user))
     console.print(f"{name} has no role in project {project} any more", markup=False, highlight=False)
 
@@ -104,7 +106,7 @@ def revoke_command(
 @user_errors
 def remove_command(name: Annotated[str, typer.Argument(help="The user")], user: UserOption = None) -> None:
     """Remove a user: their roles end and their API keys stop working; their record stays for the audit trail."""
-    with _store() as store:
+    with open_user_store() as store:
         store.remove_user(name, by=acting_principal(store, user))
     console.print(f"removed {name}: roles ended, keys revoked (record kept)", markup=False, highlight=False)
 
@@ -116,7 +118,7 @@ def list_command(
     user: UserOption = None,
 ) -> None:
     """Users with their role in each project."""
-    with _store() as store:
+    with open_user_store() as store:
         users = store.list_users(include_removed=removed, by=acting_principal(store, user))
     table = Table("user", "roles", "added", "removed")
     for u in users:

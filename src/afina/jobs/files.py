@@ -23,7 +23,7 @@ from afina.errors import AfinaError
 from afina.paths import afina_home
 from afina.security.encryption import encrypt_copy, read_bytes
 from afina.security.master_key import master_key
-from afina.security.permissions import Principal
+from afina.store.principals import Principal
 from afina.store import Store, StoredFile
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")

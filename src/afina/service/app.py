@@ -40,7 +40,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from afina.errors import AfinaError
-from afina.security.permissions import DEFAULT_PROJECT
+from afina.security.permissions import authorize
 from afina.service.jobs_api import require_key
 from afina.service.schemas import (
     ApiError,
@@ -59,6 +59,7 @@ from afina.serving.engine import (
 from afina.serving.metrics import RequestRecord, ServeMetrics
 from afina.serving.output_filter import OutputFilter
 from afina.store import Store
+from afina.store.principals import DEFAULT_PROJECT
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class Slots:
 def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: Store | None = None,
                project: str = DEFAULT_PROJECT) -> FastAPI:
     """The service around a (not yet started) engine: started, warmed up and stopped with the app;
-    behind the API keys of `keys` when given, for users who may use models in `project`."""
+    behind the API keys of `keys` when given, for users who may use models in `project` (the app
+    hands `keys` its permission check, `afina.security.permissions.authorize`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,7 +105,7 @@ def create_app(engine: Engine, settings: ServeSettings = ServeSettings(), keys: 
         warm_up.cancel()
         await asyncio.to_thread(engine.stop)
 
-    guard = [Depends(model_users(keys, project))] if keys is not None else []
+    guard = [Depends(model_users(keys.check_permissions_with(authorize), project))] if keys is not None else []
     app = FastAPI(title="afina", lifespan=lifespan, dependencies=guard, docs_url=None, redoc_url=None,
                   openapi_url=None)
     slots = Slots(settings.max_concurrent_requests)

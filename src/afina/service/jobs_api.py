@@ -43,9 +43,11 @@ from afina.jobs.run_config import (
     check_suffix,
     job_config,
 )
-from afina.security.permissions import DEFAULT_PROJECT, Principal, check_project_name
+from afina.security.encryption import use_encryption
+from afina.security.permissions import authorize
 from afina.service.schemas import ApiError
 from afina.store import Job, JobEvent, Model, Store, StoredFile
+from afina.store.principals import DEFAULT_PROJECT, Principal, check_project_name
 
 NOT_FOUND_CODES = ("file_not_found", "job_not_found", "model_not_found", "user_not_found")
 HYPERPARAMETER_NAMES = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -64,7 +66,11 @@ class JobsSettings:
 
 def create_jobs_app(store: Store, settings: JobsSettings = JobsSettings(), run_job=None) -> FastAPI:
     """The jobs API on `store`, with `settings.workers` local workers (running `run_job`, by default
-    afina's workflow) started and stopped with the app."""
+    afina's workflow) started and stopped with the app. The app hands down what protects the data:
+    the store checks each key's user with `afina.security.permissions.authorize`, and the process
+    keeps files encrypted at rest when a master key is set (`afina.security.encryption`)."""
+    store.check_permissions_with(authorize)
+    use_encryption()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -7,7 +7,8 @@
 
 SQLite by default, PostgreSQL when the URL names one; the schema is migrated on first use. Callers
 use `Store`'s methods and get frozen records back (`afina.store.records`); the tables
-(`afina.store.tables`) stay inside this package.
+(`afina.store.tables`) stay inside this package. Who acts (`afina.store.principals`) is checked by
+the permission check the store's opener hands it: `open_store(authorize=...)`.
 """
 
 from afina.store.records import ApiKey, DataFile, Event, Job, JobEvent, Model, Run, RunData, Stage, StoredFile

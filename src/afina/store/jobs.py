@@ -26,8 +26,8 @@ from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from afina.errors import AfinaError
-from afina.security.permissions import DEFAULT_PROJECT, Principal
 from afina.store.audit import append_event, audit_details
+from afina.store.principals import DEFAULT_PROJECT, Principal
 from afina.store.records import ApiKey, Job, JobEvent, StoredFile
 from afina.store.tables import (EVENT_LEVELS, FILE_PURPOSES, ApiKeyRow, FileRow, JobEventRow, JobRow, UserRow,
                                 utcnow)

@@ -8,6 +8,11 @@
 Each method that changes something is one transaction: after a crash the store holds the state
 before the call or after it, never half of it. Methods return frozen records (`afina.store.records`),
 not database rows.
+
+A store that acts for users is opened with the permission check it applies to them:
+
+    store = open_store(authorize=authorize)   # afina.security.permissions.authorize
+    store.promote("tickets", "production", by=store.principal("alice"))
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import afina
 from afina.errors import AfinaError
-from afina.security.permissions import DEFAULT_PROJECT, Principal, authorize
 from afina.store.audit import GENESIS, append_event, audit_details, event_hash, event_record, event_resources
 from afina.store.database import (WRITE, create_store_engine, database_url, lock, mask_url, migrate_store, parse_url,
                                   unavailable)
 from afina.store.jobs import JobRecords
+from afina.store.principals import DEFAULT_PROJECT, Authorize, Principal
 from afina.store.records import ChainCheck, DataFile, Event, Model, Run, RunData, Stage
 from afina.store.tables import (DATA_ROLES, EVENT_LEVELS, RUN_STATUSES, STAGE_NAMES, AliasRow, DataFileRow,
                                 EventRow, ModelRow, RunDataRow, RunRow, StageRow, utcnow)
@@ -42,10 +47,11 @@ ACTIVE_RUN_STATUSES = ("pending", "running")
 FINISHED_STAGE_STATUSES = ("succeeded", "failed", "skipped")
 
 
-def open_store(url: str | None = None) -> Store:
+def open_store(url: str | None = None, *, authorize: Authorize | None = None) -> Store:
     """Open the store at `url`, else at `AFINA_DATABASE_URL`, else at `AFINA_HOME/afina.db`, and bring
     its schema up to date. A store that cannot be opened is an AfinaError `store_unavailable` naming
-    the database (password masked)."""
+    the database (password masked). `authorize` is the permission check for the methods called with
+    `by=` (`afina.security.permissions.authorize`); without one, those calls are refused."""
     parsed = parse_url(database_url(url))
     engine = create_store_engine(parsed)
     try:
@@ -56,7 +62,7 @@ def open_store(url: str | None = None) -> Store:
     except (SQLAlchemyError, CommandError, OSError) as e:
         engine.dispose()
         raise unavailable(e, parsed) from None
-    return Store(engine)
+    return Store(engine, authorize)
 
 
 class Store(JobRecords, UserRecords):
@@ -65,16 +71,19 @@ class Store(JobRecords, UserRecords):
     (`afina.store.users`).
 
     The methods that users reach through the API and the CLI take `by`, the `Principal` acting: they
-    check its permission (`afina.security.permissions`) before anything changes, record a refusal in
-    the audit trail, and name it in the audit event of what they change. afina's own steps (a run's
-    stages, a worker's bookkeeping) pass no `by` and act as the process's user.
+    check its permission with the store's `authorize` (handed in by whoever opened the store for
+    users, `afina.security.permissions.authorize`) before anything changes, record a refusal in the
+    audit trail, and name it in the audit event of what they change. A store given no check refuses
+    every `by` (fail closed). afina's own steps (a run's stages, a worker's bookkeeping) pass no `by`
+    and act as the process's user.
 
     Safe to share between threads; several processes may open the same store at once. Open it with
     `open_store`; close it (or use it as a context manager) to release its connections.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, authorize: Authorize | None = None):
         self._engine = engine
+        self._authorize = authorize
         self._reads = sessionmaker(engine)
         self._writes = sessionmaker(engine.execution_options(**{WRITE: True}))
         self.url = mask_url(engine.url)  # for messages: the password masked
@@ -102,13 +111,24 @@ class Store(JobRecords, UserRecords):
                 lock(session.connection(), key)
             yield session
 
+    def check_permissions_with(self, authorize: Authorize) -> Store:
+        """Give a store that was opened without one the permission check for `by` (a service handed
+        an open store does this); returns the store."""
+        self._authorize = authorize
+        return self
+
     def check_permission(self, by: Principal | None, action: str, project: str, resource: str | None = None) -> None:
         """Check `by`'s permission (none to check for afina's own steps); a refusal is kept in the
-        audit trail, in a transaction of its own, before the AfinaError `permission_denied` is raised."""
+        audit trail, in a transaction of its own, before the AfinaError `permission_denied` is raised.
+        A store given no permission check refuses every `by` (AfinaError `permissions_not_set_up`)."""
         if by is None:
             return
         try:
-            authorize(by, action, project)
+            if self._authorize is None:
+                raise AfinaError("permissions_not_set_up", f"{by.user} may not {action.replace('_', ' ')}: this "
+                                 "store was opened without a permission check", location=self.url,
+                                 hint="open it with open_store(authorize=afina.security.permissions.authorize)")
+            self._authorize(by, action, project)
         except AfinaError as denied:
             with self._write() as session:
                 append_event(session, None, "permission_denied", "warning", denied.message,

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from afina.security.permissions import DEFAULT_PROJECT, ROLES
+from afina.store.principals import DEFAULT_PROJECT, ROLES
 
 RUN_STATUSES = ("pending", "running", "succeeded", "failed", "discarded", "interrupted")
 STAGE_NAMES = ("validate", "split", "train", "evaluate", "gate", "register", "notify")  # in pipeline order

@@ -2,7 +2,7 @@
 
     store.add_user("alice", by=admin)                          # by: the Principal acting
     store.grant("alice", "default", "engineer", by=admin)
-    principal = store.principal("alice")                       # her roles, for `authorize`
+    principal = store.principal("alice")                       # her roles, for the store's check
     key, principal = store.principal_for_key(hash_api_key(k))  # None for an unknown, revoked or expired key
 
 Users are never deleted: removing one keeps their record, because the audit trail names them, and
@@ -18,15 +18,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from afina.errors import AfinaError
-from afina.security.permissions import (
-    DEFAULT_PROJECT,
-    Principal,
-    check_project_name,
-    check_role,
-    check_user_name,
-)
 from afina.store.audit import append_event, audit_details
 from afina.store.jobs import api_key_record, live_key_query
+from afina.store.principals import DEFAULT_PROJECT, Principal, check_project_name, check_role, check_user_name
 from afina.store.records import ApiKey, User
 from afina.store.tables import ApiKeyRow, MembershipRow, UserRow, utcnow
 
