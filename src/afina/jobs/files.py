@@ -23,8 +23,8 @@ from afina.errors import AfinaError
 from afina.paths import afina_home
 from afina.security.encryption import encrypt_copy, read_bytes
 from afina.security.master_key import master_key
-from afina.store.principals import Principal
 from afina.store import Store, StoredFile
+from afina.store.principals import Principal
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
