@@ -6,7 +6,7 @@ import typer
 
 from afina.cli.console import console
 from afina.cli.server import TlsCert, TlsKey
-from afina.cli.users import UserOption, acting_principal
+from afina.cli.users import UserOption, acting_principal, open_user_store
 from afina.errors import AfinaError
 from afina.store.principals import DEFAULT_PROJECT
 
@@ -50,14 +50,13 @@ def serve_command(
     request needs an API key whose user may use models in --project (`afina keys create`)."""
     from afina.pipeline.prepare import quiet_libraries
     from afina.service.tls import check_tls_files, scheme, serve_app
-    from afina.store import open_store
 
     if no_auth and host not in LOOPBACK:
         raise AfinaError("auth_required", f"--no-auth serves anyone who reaches {host}", location="--no-auth",
                          hint="keep API keys on, or listen on 127.0.0.1 only")
     if tls_cert is not None:
         check_tls_files(tls_cert, tls_key)
-    store = None if no_auth else open_store()
+    store = None if no_auth else open_user_store()
     if store is not None:  # the operator starting the server may use the models they serve
         store.check_permission(acting_principal(store, user), "use_model", project)
     from afina.service.app import ServeSettings, create_app
