@@ -14,7 +14,7 @@ Small data therefore gets shorter rows first, then more epochs.
   the data has enough examples for 100 steps in 3 epochs (3% of the examples per step). Never
   shorter than the longest example. A 2048-token row of examples sharing a long system prompt holds
   about 50 of them (the prompt is held once per row), so 100 such examples would otherwise make 2
-  steps an epoch; rows of about 8 make 13. Shorter rows also cost less attention per token.
+  steps an epoch; rows of about 8 make 13, each computing the prompt once more.
 - examples per step (`gradient_accumulation`): about 0.2% of the training examples, at least 8 and at
   most 256, rounded to whole micro-batches (`rows_per_batch` items each), at least one. A small data
   set gets the smallest step, one micro-batch, which leaves the most optimizer steps.
