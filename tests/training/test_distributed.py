@@ -2,7 +2,9 @@
 
 Two processes (DDP and FSDP) take the same global steps as one and must give its losses step by step
 and its final weights; a SIGTERM on one rank stops both with one checkpoint, which resumes on two
-processes and on one to the uninterrupted run's weights; the rank split deals every item once.
+processes and on one to the uninterrupted run's weights; the rank split deals every item once. FSDP's
+options (activation checkpointing, CPU offload) change memory, not losses; an out of memory on one
+rank makes every rank shrink its micro-batch and redo the step.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,7 @@ from afina.training.objectives import token_objective
 from tests.scripted import ScriptedObjective
 
 QUIET = Console(quiet=True)
+HANG_SECONDS = 300
 SETTINGS = {"max_steps": 5, "row_length": 128, "rows_per_batch": 1, "gradient_accumulation": 3, "learning_rate": 1e-2,
             "warmup_ratio": 0.0, "save_every": 100, "eval_every": 100, "keep_checkpoints": 5, "precision": "fp32"}
 
@@ -42,26 +46,57 @@ def tiny_data(model_dir: Path, rows: list[dict]) -> list:
     return tokenize_records([normalize_row(r, i + 1)[0] for i, r in enumerate(rows)], tokenizer, 512)
 
 
-def run_training(model_dir: Path, rows: list[dict], run_dir: Path, parallel: str, kill_at: int = 0) -> dict:
+OUT_OF_MEMORY = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class OutOfMemoryAfterForward:
+    """An objective whose `at`-th training loss runs out of memory once the model's forward is done (at
+    the output projection and loss, a step's largest tensors), when every FSDP gather is behind it."""
+
+    def __init__(self, objective, at: int):
+        self.objective, self.at, self.calls = objective, at, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        loss = self.objective.loss_sum(model, batch)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                raise OUT_OF_MEMORY
+        return loss
+
+
+def run_training(model_dir: Path, rows: list[dict], run_dir: Path, parallel: str, fault: tuple = (),
+                 **settings) -> dict:
     """One process's run: LoRA without dropout (the ranks' dropout masks would differ from one
-    process's), SIGTERM to itself at micro-batch `kill_at` when given. Returns the trained weights."""
+    process's). `fault` (what, call): at its micro-batch `call` this process sends itself SIGTERM
+    ("sigterm"), or runs out of memory before its forward ("oom") or after it ("oom_after_forward").
+    Returns the trained weights."""
     torch.manual_seed(0)
     model = apply_method(load_model(str(model_dir)), LoraMethod(r=4, alpha=8, dropout=0.0))
     tokenizer = load_tokenizer(str(model_dir))
+    what, at = fault or ("", 0)
 
     def script(call: int, batch) -> None:
-        if call == kill_at:
+        if call == at and what == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
+        if call == at and what == "oom":
+            raise OUT_OF_MEMORY
 
     objective = ScriptedObjective(token_objective(128), script)
-    result = train(model, tiny_data(model_dir, rows), [], TrainingConfig(**SETTINGS, parallel=parallel), run_dir,
-                   tokenizer.pad_token_id, QUIET, objective=objective)
+    if what == "oom_after_forward":
+        objective = OutOfMemoryAfterForward(token_objective(128), at)
+    config = TrainingConfig(**{**SETTINGS, **settings}, parallel=parallel)
+    result = train(model, tiny_data(model_dir, rows), [], config, run_dir, tokenizer.pad_token_id, QUIET,
+                   objective=objective)
     weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     return {"status": result.status, "steps": result.steps, "weights": weights}
 
 
 def rank_main(rank: int, world: int, port: int, model_dir: Path, rows: list, run_dir: Path, parallel: str,
-              kill_rank: int, kill_at: int, out: Path) -> None:
+              fault_rank: int, fault: tuple, settings: dict, out: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -69,7 +104,7 @@ def rank_main(rank: int, world: int, port: int, model_dir: Path, rows: list, run
 
     start_process_group()
     try:
-        result = run_training(model_dir, rows, run_dir, parallel, kill_at if rank == kill_rank else 0)
+        result = run_training(model_dir, rows, run_dir, parallel, fault if rank == fault_rank else (), **settings)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in result["weights"].items()}, out / "weights.safetensors")
             (out / "result.json").write_text(json.dumps({"status": result["status"], "steps": result["steps"]}))
@@ -84,11 +119,18 @@ def free_port() -> int:
 
 
 def on_processes(world: int, model_dir: Path, rows: list, run_dir: Path, parallel: str, out: Path,
-                 kill_rank: int = -1, kill_at: int = 0) -> tuple[dict, dict]:
-    """Train on `world` real processes; rank 0's result and weights."""
+                 fault_rank: int = -1, fault: tuple = (), **settings) -> tuple[dict, dict]:
+    """Train on `world` real processes; rank 0's result and weights. Ranks left waiting for each
+    other in a collective fail the test after HANG_SECONDS instead of hanging it."""
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(rank_main, args=(world, free_port(), model_dir, rows, run_dir, parallel, kill_rank, kill_at,
-                                        out), nprocs=world, start_method="spawn")
+    ranks = mp.start_processes(rank_main, args=(world, free_port(), model_dir, rows, run_dir, parallel, fault_rank,
+                                                fault, settings, out), nprocs=world, start_method="spawn", join=False)
+    deadline = time.monotonic() + HANG_SECONDS
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the ranks were still running after {HANG_SECONDS}s: waiting for each other")
     return json.loads((out / "result.json").read_text()), load_file(out / "weights.safetensors")
 
 
@@ -123,7 +165,8 @@ def test_two_processes_give_one_process_losses_and_weights_across_a_sigterm_and_
     rows, losses, weights = one_process
     run_dir = tmp_path / parallel
     # rank 1 gets SIGTERM during its 4th micro-batch (step 2 of 5): both ranks stop after step 2
-    result, _ = on_processes(2, tiny_model_dir, rows, run_dir, parallel, tmp_path / "out1", kill_rank=1, kill_at=4)
+    result, _ = on_processes(2, tiny_model_dir, rows, run_dir, parallel, tmp_path / "out1", fault_rank=1,
+                             fault=("sigterm", 4))
     assert result == {"status": "interrupted", "steps": 2}
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint.step == 2 and is_sharded(checkpoint.path) == (parallel == "fsdp")
@@ -137,6 +180,36 @@ def test_two_processes_give_one_process_losses_and_weights_across_a_sigterm_and_
     one = run_training(tiny_model_dir, rows, tmp_path / "copy", "auto")
     assert one["steps"] == SETTINGS["max_steps"]
     assert_same_weights(one["weights"], weights)
+
+
+@pytest.mark.parametrize("option", ["fsdp_activation_checkpointing", "fsdp_cpu_offload"])
+def test_fsdp_options_change_memory_not_losses(option, one_process, tiny_model_dir, tmp_path):
+    """Plain FSDP gives one process's losses within 1e-5 (above); so must FSDP with each option."""
+    rows, losses, weights = one_process
+    result, two = on_processes(2, tiny_model_dir, rows, tmp_path / "run", "fsdp", tmp_path / "out", **{option: True})
+    assert result == {"status": "completed", "steps": SETTINGS["max_steps"]}
+    assert step_losses(tmp_path / "run") == pytest.approx(losses, abs=1e-5)
+    assert_same_weights(two, weights)
+
+
+@pytest.mark.parametrize("parallel,fault", [("ddp", ("oom", 2)), ("fsdp", ("oom_after_forward", 2))],
+                         ids=["ddp-before-forward", "fsdp-after-forward"])
+def test_out_of_memory_on_one_rank_makes_every_rank_shrink_and_redo_the_step(parallel, fault, one_process,
+                                                                             tiny_model_dir, tmp_path):
+    """The same 3 rows per step as one process, in one micro-batch (2 rows on rank 0, 1 on rank 1).
+    Rank 1 runs out of memory in step 2: both ranks go to 1 row per micro-batch (rank 1 adding a
+    zero-weighted copy), checkpointing on, and redo the step; the run keeps one process's losses.
+    Without the agreement rank 0 would go on alone and wait forever in the step's next collective."""
+    rows, losses, weights = one_process
+    run_dir = tmp_path / "run"
+    result, two = on_processes(2, tiny_model_dir, rows, run_dir, parallel, tmp_path / "out", fault_rank=1,
+                               fault=fault, rows_per_batch=3, gradient_accumulation=1)
+    assert result == {"status": "completed", "steps": SETTINGS["max_steps"]}
+    events = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["split"] == "event"]
+    assert [(e["kind"], e["step"], e["rows_per_micro_batch"]) for e in events] == [("out_of_memory", 1, 1)]
+    assert "on rank 1" in events[0]["message"]
+    assert step_losses(run_dir) == pytest.approx(losses, abs=1e-5)
+    assert_same_weights(two, weights)
 
 
 def ticket_rows_for_module(chat_row) -> list[dict]:

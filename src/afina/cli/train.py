@@ -31,11 +31,12 @@ def train_command(
 
     With --resume, only more steps or epochs and other time or cost budgets may be given
     (`training.max_steps=N`); they are saved in the run's config.json."""
-    from afina.training.distributed import launch_devices, launched_world, start_process_group
+    from afina.training.distributed import (check_parallel_supported, launch_devices, launched_world,
+                                            report_to_launcher, start_process_group)
 
-    if devices > 1 and launched_world() == 1:
-        raise typer.Exit(launch_devices(devices, command_without_devices(sys.argv[1:])))
-    start_process_group()
+    launching = devices > 1 and launched_world() == 1
+    if not launching:
+        start_process_group()
     from afina.config import load_config
     from afina.config.loading import apply_resume_overrides
     from afina.pipeline.run_dir import check_run_dir
@@ -52,8 +53,12 @@ def train_command(
         raise AfinaError("missing_config", "give a run config, or --resume RUN_DIR", location="command line")
     else:
         run_config = load_config(config, overrides or [])
+    if launching:  # a config or method the processes cannot run is refused once, before they start
+        check_parallel_supported(run_config.method, run_config.training, devices)
+        raise typer.Exit(launch_devices(devices, command_without_devices(sys.argv[1:])))
     run_config = with_parallel_chosen(run_config)
     run_dir, result = run_training(run_config, console, resume_dir=resume)
+    report_to_launcher(result)  # to `afina run --devices N`, which started these processes
     if result.status == "interrupted":
         raise typer.Exit(130)
     if result.status == "diverged":
@@ -78,12 +83,16 @@ def with_parallel_chosen(config):
     """Under several processes: `training.parallel: auto` made ddp or fsdp by rank 0's estimate (every
     rank must take the same), and only rank 0 prints."""
     from afina.estimate.parallel import choose_parallel_for
-    from afina.training.distributed import current_ranks, from_main
+    from afina.training.distributed import check_parallel_supported, current_ranks, from_main, parallel_of
 
     ranks = current_ranks()
     if not ranks.distributed:
         return config
     console.quiet = not ranks.main
-    parallel = from_main(choose_parallel_for(config, ranks.world) if ranks.main else None, ranks)
+    check_parallel_supported(config.method, config.training, ranks.world)  # launched by torchrun itself
+    if parallel_of(config.training) == "fsdp":  # set, or auto with an fsdp option
+        parallel = "fsdp"
+    else:
+        parallel = from_main(choose_parallel_for(config, ranks.world) if ranks.main else None, ranks)
     console.print(f"{ranks.world} processes, training.parallel: {parallel}")
     return config.model_copy(update={"training": config.training.model_copy(update={"parallel": parallel})})

@@ -103,6 +103,13 @@ class TrainingConfig(Strict):
                             "model on each device and splits the data; fsdp also shards weights, gradients and "
                             "optimizer state across devices; auto picks ddp when the run fits one device, "
                             "fsdp otherwise. One process ignores it.")
+    fsdp_activation_checkpointing: bool = Field(
+        False, description="fsdp: recompute each decoder layer's activations in backward instead of keeping them "
+                           "(less memory, about a third more compute). Set with parallel auto, it makes auto fsdp.")
+    fsdp_cpu_offload: bool = Field(
+        False, description="fsdp: keep the weight shards, their gradients and the optimizer state in CPU memory; "
+                           "each layer's weights are copied to the device while it computes and AdamW steps on the "
+                           "CPU (fits a larger model, runs slower). Set with parallel auto, it makes auto fsdp.")
 
     def auto_fields(self) -> list[str]:
         """The fields still set to `auto` (none once the run's data has chosen them)."""
@@ -112,6 +119,9 @@ class TrainingConfig(Strict):
     def _cost_needs_a_price(self) -> "TrainingConfig":
         if self.max_cost is not None and self.machine is None and self.price_per_hour is None:
             raise ValueError("max_cost needs a price: set training.machine or training.price_per_hour")
+        fsdp_only = [name for name in ("fsdp_activation_checkpointing", "fsdp_cpu_offload") if getattr(self, name)]
+        if fsdp_only and self.parallel == "ddp":
+            raise ValueError(f"{' and '.join(fsdp_only)} need parallel fsdp (or auto), not ddp")
         return self
 
 

@@ -73,7 +73,9 @@ def start_process_group() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        # NCCL for tensors on the GPU; gloo for those on the CPU: the loop's agreements and sums, and
+        # the shards and gradients that fsdp_cpu_offload keeps in CPU memory
+        dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group("gloo")
 
@@ -86,6 +88,14 @@ def current_ranks(parallel: str = "single") -> Ranks:
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def parallel_of(training) -> str:
+    """ddp or fsdp for a run's `TrainingConfig` under several processes, before any estimate: as set;
+    auto is fsdp when an fsdp option is set (`afina.cli.train` asks the estimate otherwise), else ddp."""
+    if training.parallel != "auto":
+        return training.parallel
+    return "fsdp" if training.fsdp_activation_checkpointing or training.fsdp_cpu_offload else "ddp"
 
 
 def choose_parallel(setting: str, world: int, fits_one_device: bool) -> str:
@@ -106,6 +116,61 @@ def rank_share(items: list, rank: int, world: int) -> list:
 def micro_batches_per_rank(items: int, world: int, rows_per_micro_batch: int) -> int:
     """Micro-batches every rank runs for a step of `items`: those of the largest share (rank 0's)."""
     return max(1, math.ceil(math.ceil(items / world) / rows_per_micro_batch))
+
+
+def check_parallel_supported(method, training, world: int) -> None:
+    """Refuse, before any process starts, a method that `world` processes cannot run as configured:
+    one error for the user instead of a traceback from each rank."""
+    if world <= 1:
+        return
+    from afina.models.methods import check_method_supported
+
+    check_method_supported(method)  # a 4- or 8-bit base needs CUDA and bitsandbytes, sharded or not
+    if method.base_bits == 8 and training.parallel == "fsdp":
+        raise AfinaError("unsupported_parallel", "an 8-bit base cannot be sharded: bitsandbytes' 8-bit weights do "
+                         "not split across devices", location="training.parallel",
+                         hint="set training.parallel: ddp, or use method: qlora, whose 4-bit base FSDP shards")
+    if method.base_bits == 4 and training.fsdp_cpu_offload:
+        raise AfinaError("unsupported_parallel", "a 4-bit base cannot be offloaded to CPU memory: bitsandbytes "
+                         "computes with it on the GPU only", location="training.fsdp_cpu_offload",
+                         hint="drop training.fsdp_cpu_offload; the 4-bit base is already sharded across devices")
+
+
+def qlora_config_for_sharding(method):
+    """qlora's `BitsAndBytesConfig` for a base that FSDP shards (the FSDP+QLoRA recipe): the packed
+    4-bit weights stored in the compute dtype (`bnb_4bit_quant_storage`), so that FSDP splits and
+    gathers them like the other weights of a unit; bitsandbytes keeps each layer's quantization
+    state on its module, where the gathered weight finds it again."""
+    from afina.models.methods import quantization_config
+
+    config = quantization_config(method)
+    config.bnb_4bit_quant_storage = config.bnb_4bit_compute_dtype
+    return config
+
+
+def load_qlora_base_for_sharding(name: str, method) -> nn.Module:
+    """qlora's 4-bit base on this rank's GPU, stored for FSDP (`qlora_config_for_sharding`), ready
+    for `apply_method` and `train`, where `shard_model` splits it."""
+    from transformers import AutoModelForCausalLM
+
+    from afina.models.loading import readable_model_dir, resolve_model_dir
+
+    config = qlora_config_for_sharding(method)
+    with readable_model_dir(resolve_model_dir(name)) as source:
+        return AutoModelForCausalLM.from_pretrained(source, quantization_config=config, trust_remote_code=False,
+                                                    use_safetensors=True, dtype=config.bnb_4bit_compute_dtype,
+                                                    device_map={"": torch.cuda.current_device()})
+
+
+def check_shardable(model: nn.Module) -> None:
+    """A 4-bit base loaded for one device stores its packed weights as uint8, which FSDP would shard
+    apart from their quantization blocks: refuse it with what to do."""
+    for name, param in model.named_parameters():
+        if type(param).__name__ == "Params4bit" and param.dtype == torch.uint8:
+            raise AfinaError("unsupported_parallel", f"the 4-bit weight {name} is stored as uint8, which FSDP cannot "
+                             "shard", location="training.parallel",
+                             hint="load the base with afina.training.distributed.load_qlora_base_for_sharding "
+                                  "(bnb_4bit_quant_storage = the compute dtype), or set training.parallel: ddp")
 
 
 class ObjectiveLoss(nn.Module):
@@ -136,30 +201,43 @@ class DistributedObjective:
         return getattr(self.objective, name)
 
 
-def wrap_for_parallel(model: nn.Module, objective, ranks: Ranks, device: torch.device):
+def wrap_for_parallel(model: nn.Module, objective, ranks: Ranks, device: torch.device,
+                      checkpointing: bool = False, cpu_offload: bool = False):
     """`model` wrapped for `ranks.parallel`, and the objective computing its loss through the wrap.
-    fsdp replaces the model's parameters by their shards: take trainable parameters afterwards."""
+    fsdp replaces the model's parameters by their shards: take trainable parameters afterwards.
+    `checkpointing` and `cpu_offload` are fsdp's options (`training.fsdp_*`)."""
     if ranks.parallel == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         loss = nn.parallel.DistributedDataParallel(ObjectiveLoss(model.to(device), objective), device_ids=ids,
                                                    broadcast_buffers=False)
     else:
-        loss = shard_model(ObjectiveLoss(model, objective), model, device)
+        loss = shard_model(ObjectiveLoss(model, objective), model, device, checkpointing, cpu_offload)
     return loss, DistributedObjective(objective, loss)
 
 
-def shard_model(loss: ObjectiveLoss, model: nn.Module, device: torch.device) -> nn.Module:
+def shard_model(loss: ObjectiveLoss, model: nn.Module, device: torch.device, checkpointing: bool = False,
+                cpu_offload: bool = False) -> nn.Module:
     """FSDP2: each decoder layer its own unit (its weights gathered only while it runs), the rest
-    (embeddings, final norm, output projection) in the root unit."""
+    (embeddings, final norm, output projection) in the root unit.
+
+    checkpointing: each decoder layer recomputes its activations in backward (the composable
+    `checkpoint`, hooks on the layer: parameter names stay as they are, so checkpoints and saved
+    adapters do not change). cpu_offload: `CPUOffloadPolicy`, shards, their gradients and the
+    optimizer state in CPU memory (pinned on CUDA), AdamW stepping there."""
+    from torch.distributed._composable import checkpoint
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     from afina.models.methods import decoder_layers
 
+    check_shardable(model)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(loss, mesh=mesh)
+        if checkpointing:  # fully_shard's hooks go first and last: the gather is outside the recomputed region
+            checkpoint(layer)
+        fully_shard(layer, mesh=mesh, offload_policy=offload)
+    return fully_shard(loss, mesh=mesh, offload_policy=offload)
 
 
 def gradient_sync(loss: nn.Module, ranks: Ranks, sync: bool):
@@ -170,6 +248,30 @@ def gradient_sync(loss: nn.Module, ranks: Ranks, sync: bool):
     if ranks.parallel == "fsdp":
         loss.set_requires_gradient_sync(sync)
     return nullcontext()
+
+
+def discard_abandoned_step(loss: nn.Module | None, ranks: Ranks) -> None:
+    """Forget a step given up on every rank (out of memory somewhere), before it is redone.
+
+    DDP: the reducer of a rank whose synced forward went through still expects that backward, and
+    would all-reduce in the next one, synced or not; reset as DDP's own `_update_process_group` does
+    (there is no public call). FSDP: `reset_iter_state` (torch 2.13's recovery after a forward or
+    backward cut short) on every rank, which also forgets the forward order its backward prefetch
+    follows, then the gradients accumulated unsharded between synced backwards, which neither it
+    nor the optimizer's zero_grad reaches in every version."""
+    if loss is None or not ranks.distributed:
+        return
+    if ranks.parallel == "ddp":
+        loss.reducer._reset_state()
+        return
+    loss.reset_iter_state()
+    for module in loss.modules():
+        if hasattr(module, "_get_fsdp_state"):
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                for param in group.fsdp_params:
+                    param.unsharded_accumulated_grad = None
+                    if hasattr(param, "_unsharded_param"):
+                        param._unsharded_param.grad = None
 
 
 def all_reduce_sum(value: float, ranks: Ranks) -> float:
@@ -338,6 +440,8 @@ def gather_full_weights(model: nn.Module, ranks: Ranks) -> None:
 
 # --- launching ------------------------------------------------------------------------------------
 
+RESULT_VARIABLE = "AFINA_TRAIN_RESULT"  # where `afina train`'s rank 0 writes its TrainResult for a launcher
+
 def launch_devices(devices: int, argv: list[str]) -> int:
     """`afina train ... --devices N`: torchrun (`torch.distributed.run`) starts N processes of the
     same command on this machine; returns their exit code."""
@@ -356,3 +460,35 @@ def launch_devices(devices: int, argv: list[str]) -> int:
         print(f"afina: a training process failed: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def train_on_devices(run_dir: Path, devices: int):
+    """The training stage of `afina run --devices N`: `afina train --resume RUN_DIR` on N processes
+    of this machine, which train the run directory's splits (from its last checkpoint, if any) and
+    save what they trained there; returns rank 0's `TrainResult`. Everything else in the workflow
+    stays in the calling process."""
+    import tempfile
+
+    from afina.training.loop import TrainResult
+
+    with tempfile.TemporaryDirectory(prefix="afina-train-") as scratch:
+        result_file = Path(scratch) / "result.json"
+        os.environ[RESULT_VARIABLE] = str(result_file)  # the processes torchrun starts inherit it
+        try:
+            code = launch_devices(devices, ["train", "--resume", str(run_dir)])
+        finally:
+            os.environ.pop(RESULT_VARIABLE, None)
+        if not result_file.is_file():  # an interrupted run still reports: its checkpoint was written
+            raise AfinaError("training_failed", f"training on {devices} processes failed (exit code {code})",
+                             location=str(run_dir), hint="their error is printed above; once fixed, continue "
+                                                         f"with afina run --resume {run_dir}")
+        return TrainResult(**json.loads(result_file.read_text()))
+
+
+def report_to_launcher(result) -> None:
+    """Rank 0's `TrainResult` where the launcher asked for it (`train_on_devices`); nothing otherwise."""
+    from dataclasses import asdict
+
+    path = os.environ.get(RESULT_VARIABLE)
+    if path and is_main_process():
+        Path(path).write_text(json.dumps(asdict(result)))

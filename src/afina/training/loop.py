@@ -40,12 +40,14 @@ from afina.models.methods import model_shares_prefixes, trainable_parameters
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
 from afina.training.cost import cost_of, price_per_hour
 from afina.training.distributed import (NoMetrics, Ranks, agreed_status, all_reduce_sum, barrier, current_ranks,
-                                        full_norm, gather_full_weights, gradient_sync, is_sharded,
-                                        micro_batches_per_rank, rank_share, restore_sharded_checkpoint,
-                                        restore_whole_into_shards, save_sharded_checkpoint, wrap_for_parallel)
+                                        discard_abandoned_step, full_norm, gather_full_weights, gradient_sync,
+                                        is_sharded, micro_batches_per_rank, parallel_of, rank_share,
+                                        restore_sharded_checkpoint, restore_whole_into_shards,
+                                        save_sharded_checkpoint, wrap_for_parallel)
 from afina.training.metrics import MetricsLog, plot_loss_curves
 from afina.training.objectives import rows_per_step, token_objective
-from afina.training.oom import MicroBatching, checkpointing_enabled, set_gradient_checkpointing
+from afina.training.oom import (MicroBatching, RankOutOfMemory, agreed_out_of_memory, checkpointing_enabled,
+                               set_gradient_checkpointing)
 from afina.training.optimizer import make_optimizer
 from afina.training.schedule import make_scheduler
 
@@ -222,7 +224,7 @@ def setup(model, train_examples: list, config: TrainingConfig, run_dir: Path, pa
     """Optimizer, schedule and state for `model`, restored from the newest intact checkpoint if any.
     Under several processes the model is wrapped for DDP or sharded for FSDP first."""
     objective = objective or token_objective(config.row_length, model_shares_prefixes(model))
-    ranks = current_ranks(config.parallel if config.parallel != "auto" else "ddp")
+    ranks = current_ranks(parallel_of(config))
     if not ranks.main:
         console = Console(quiet=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +232,8 @@ def setup(model, train_examples: list, config: TrainingConfig, run_dir: Path, pa
     autocast = autocast_for(resolve_precision(config.precision, accelerator.device), accelerator.device)
     loss = None
     if ranks.distributed:  # before the optimizer: FSDP replaces the parameters by their shards
-        loss, objective = wrap_for_parallel(model, objective, ranks, accelerator.device)
+        loss, objective = wrap_for_parallel(model, objective, ranks, accelerator.device,
+                                            config.fsdp_activation_checkpointing, config.fsdp_cpu_offload)
     trainable = trainable_parameters(model)
     optimizer = make_optimizer(trainable.values(), config.learning_rate, config.weight_decay, paged_optimizer)
     steps = total_steps(train_examples, config, objective)
@@ -310,36 +313,58 @@ def train_step(t: Trainer, rows: list, validation_examples: list, stop: StopRequ
 def forward_backward(t: Trainer, rows: list) -> tuple[float, float, int]:
     """Forward and backward over one optimizer step's items (rows, pairs, completions), gradients
     clipped; shrinks the micro-batch on out of memory and redoes the step with the same items.
-    Under several processes, over this rank's share, divided by the count of the whole step.
+    Under several processes, over this rank's share, divided by the count of the whole step, and an
+    out of memory on any rank makes every rank shrink and redo (`agreed_out_of_memory`).
     Returns (loss, grad norm, tokens) of the whole step."""
     ranks = t.ranks
     while True:
         micro = micro_batches(t, rows)
         step_count = all_reduce_sum(sum(t.objective.count(b) for b, weight in micro if weight), ranks)
-        loss_total = 0.0
-        try:
-            for i, (batch, weight) in enumerate(micro):
-                with gradient_sync(t.loss, ranks, i == len(micro) - 1):
-                    with t.autocast():
-                        loss = t.objective.loss_sum(t.model, batch) / step_count
-                    # DDP and FSDP average gradients over ranks: x ranks makes their sum one device's
-                    t.accelerator.backward(loss * (weight * ranks.world))
-                loss_total += weight * float(loss.detach())
-                del loss
+        loss_total, error = run_micro_batches(t, micro, step_count)
+        if error is None:
             grad_norm = full_norm(t.accelerator.clip_grad_norm_(list(t.trainable.values()), t.config.max_grad_norm))
             tokens = sum(b.tokens for b, weight in micro if weight)
             return all_reduce_sum(loss_total, ranks), grad_norm, int(all_reduce_sum(tokens, ranks))
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            if ranks.distributed:  # the other ranks wait in this step's collectives: no redo alone
-                raise AfinaError("out_of_memory", f"rank {ranks.rank} ran out of memory", location="training",
-                                 hint="lower training.rows_per_batch (raising gradient_accumulation), turn on "
-                                      "method.gradient_checkpointing, or set training.parallel=fsdp") from error
-            del micro
-            t.optimizer.zero_grad(set_to_none=True)
-            free_memory()
-            shrink_micro_batches(t, len(rows), error)
+        del micro
+        t.optimizer.zero_grad(set_to_none=True)
+        discard_abandoned_step(t.loss, ranks)
+        free_memory()
+        shrink_micro_batches(t, len(rows), error)
+
+
+def run_micro_batches(t: Trainer, micro: list[tuple], step_count: float) -> tuple[float, BaseException | None]:
+    """This rank's forwards and backwards of a step: (the sum of its losses, None), or (_, the out-of-
+    memory error) that stopped them here or on another rank. Ranks agree after each forward and each
+    backward, so all stop at the same micro-batch."""
+    ranks, total = t.ranks, 0.0
+    for i, (batch, weight) in enumerate(micro):
+        with gradient_sync(t.loss, ranks, i == len(micro) - 1):
+            loss, error = out_of_memory_of(lambda: forward(t, batch, step_count))
+            error = agreed_out_of_memory(error, ranks)
+            if error is None:
+                # DDP and FSDP average gradients over ranks: x ranks makes their sum one device's
+                _, error = out_of_memory_of(lambda: t.accelerator.backward(loss * (weight * ranks.world)))
+                error = agreed_out_of_memory(error, ranks)
+        if error is not None:
+            return total, error
+        total += weight * float(loss.detach())
+        del loss
+    return total, None
+
+
+def forward(t: Trainer, batch, step_count: float) -> torch.Tensor:
+    with t.autocast():
+        return t.objective.loss_sum(t.model, batch) / step_count
+
+
+def out_of_memory_of(work) -> tuple[object, BaseException | None]:
+    """(what `work()` returns, None), or (None, the out-of-memory error it raised); other errors propagate."""
+    try:
+        return work(), None
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        return None, error
 
 
 def micro_batches(t: Trainer, rows: list) -> list[tuple]:
@@ -366,8 +391,9 @@ def shrink_micro_batches(t: Trainer, rows: int, error: BaseException) -> None:
     t.batching = smaller
     t.state.rows_per_micro_batch, t.state.gradient_checkpointing = smaller.rows_per_micro_batch, True
     set_gradient_checkpointing(t.model, True)
-    micro_batches = math.ceil(rows / smaller.rows_per_micro_batch)
-    t.record_event("out_of_memory", f"step {t.step + 1} ran out of memory: now {smaller.rows_per_micro_batch} "
+    micro_batches = micro_batches_per_rank(rows, t.ranks.world, smaller.rows_per_micro_batch)
+    where = f" on rank {error.rank}" if isinstance(error, RankOutOfMemory) else ""
+    t.record_event("out_of_memory", f"step {t.step + 1} ran out of memory{where}: now {smaller.rows_per_micro_batch} "
                    f"row(s) per micro-batch x {micro_batches} accumulated, gradient checkpointing on "
                    "(same effective batch)", rows_per_micro_batch=smaller.rows_per_micro_batch,
                    gradient_accumulation=micro_batches, gradient_checkpointing=True)
