@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from afina.data.formats import normalize_row
 from afina.data.tokenize import tokenize_records
 from afina.models.loading import load_model, load_tokenizer
 from afina.models.methods import apply_method
+from afina.sealing import is_sealed
 from afina.training.checkpoints import latest_checkpoint
 from afina.training.distributed import is_sharded, micro_batches_per_rank, rank_share
 from afina.training.loop import train
@@ -104,12 +107,29 @@ def rank_main(rank: int, world: int, port: int, model_dir: Path, rows: list, run
 
     start_process_group()
     try:
-        result = run_training(model_dir, rows, run_dir, parallel, fault if rank == fault_rank else (), **settings)
+        with sealed_when_keyed():
+            result = run_training(model_dir, rows, run_dir, parallel, fault if rank == fault_rank else (), **settings)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in result["weights"].items()}, out / "weights.safetensors")
             (out / "result.json").write_text(json.dumps({"status": result["status"], "steps": result["steps"]}))
     finally:
         torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def sealed_when_keyed():
+    """This process reads and writes files at rest sealed while the block runs, when a master key is
+    set (as afina's commands arrange for theirs)."""
+    from afina.sealing import sealed_files, use_sealed_files
+    from afina.security.encryption import use_encryption
+
+    previous = sealed_files()
+    if os.environ.get("AFINA_MASTER_KEY"):
+        use_encryption()
+    try:
+        yield
+    finally:
+        use_sealed_files(previous)
 
 
 def free_port() -> int:
@@ -161,25 +181,34 @@ def one_process(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_give_one_process_losses_and_weights_across_a_sigterm_and_a_resume_on_one(
-        parallel, one_process, tiny_model_dir, tmp_path):
+        parallel, one_process, tiny_model_dir, tmp_path, monkeypatch):
+    """FSDP's run has a master key: its sharded checkpoint is sealed at rest, and read back on two
+    processes and on one."""
     rows, losses, weights = one_process
     run_dir = tmp_path / parallel
-    # rank 1 gets SIGTERM during its 4th micro-batch (step 2 of 5): both ranks stop after step 2
-    result, _ = on_processes(2, tiny_model_dir, rows, run_dir, parallel, tmp_path / "out1", fault_rank=1,
-                             fault=("sigterm", 4))
-    assert result == {"status": "interrupted", "steps": 2}
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    assert checkpoint.step == 2 and is_sharded(checkpoint.path) == (parallel == "fsdp")
-    shutil.copytree(run_dir / "checkpoints", tmp_path / "copy" / "checkpoints")  # to resume on one process too
+    if parallel == "fsdp":
+        monkeypatch.setenv("AFINA_MASTER_KEY", secrets.token_hex(32))
+        monkeypatch.delenv("AFINA_MASTER_KEY_FILE", raising=False)
+    with sealed_when_keyed():  # this process reads the checkpoints too
+        # rank 1 gets SIGTERM during its 4th micro-batch (step 2 of 5): both ranks stop after step 2
+        result, _ = on_processes(2, tiny_model_dir, rows, run_dir, parallel, tmp_path / "out1", fault_rank=1,
+                                 fault=("sigterm", 4))
+        assert result == {"status": "interrupted", "steps": 2}
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        assert checkpoint.step == 2 and is_sharded(checkpoint.path) == (parallel == "fsdp")
+        if parallel == "fsdp":
+            shards = [p for p in checkpoint.path.iterdir() if p.name != "manifest.json"]
+            assert any(p.suffix == ".distcp" for p in shards) and all(is_sealed(p) for p in shards)
+        shutil.copytree(run_dir / "checkpoints", tmp_path / "copy" / "checkpoints")  # to resume on one process too
 
-    resumed, two = on_processes(2, tiny_model_dir, rows, run_dir, parallel, tmp_path / "out2")
-    assert resumed == {"status": "completed", "steps": SETTINGS["max_steps"]}
-    assert step_losses(run_dir) == pytest.approx(losses, abs=1e-5)  # steps 1-2, then 3-5 after the resume
-    assert_same_weights(two, weights)
+        resumed, two = on_processes(2, tiny_model_dir, rows, run_dir, parallel, tmp_path / "out2")
+        assert resumed == {"status": "completed", "steps": SETTINGS["max_steps"]}
+        assert step_losses(run_dir) == pytest.approx(losses, abs=1e-5)  # steps 1-2, then 3-5 after the resume
+        assert_same_weights(two, weights)
 
-    one = run_training(tiny_model_dir, rows, tmp_path / "copy", "auto")
-    assert one["steps"] == SETTINGS["max_steps"]
-    assert_same_weights(one["weights"], weights)
+        one = run_training(tiny_model_dir, rows, tmp_path / "copy", "auto")
+        assert one["steps"] == SETTINGS["max_steps"]
+        assert_same_weights(one["weights"], weights)
 
 
 @pytest.mark.parametrize("option", ["fsdp_activation_checkpointing", "fsdp_cpu_offload"])

@@ -26,6 +26,7 @@ On CPU the backend is gloo (what the tests run), on CUDA NCCL.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from afina.errors import AfinaError
+from afina.sealing import SealedFiles, sealed_files
 from afina.training.checkpoints import CHECKPOINT, _fsync_dir, list_checkpoints, sha256
 
 SHARDED_MARKER = ".metadata"  # the file `torch.distributed.checkpoint` writes beside its shards
@@ -342,11 +344,14 @@ def is_sharded(path: Path) -> bool:
 
 
 def save_sharded_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict,
-                            keep: int, ranks: Ranks, keep_also: Path | None = None) -> Path:
+                            keep: int, ranks: Ranks, keep_also: Path | None = None,
+                            files: SealedFiles | None = None) -> Path:
     """Every rank writes its shards of the trained weights and optimizer state into a staging
-    directory (`torch.distributed.checkpoint`); rank 0 then adds the schedule, RNG and loop state and
-    the manifest of every file's hash, and renames the directory into place: as atomic as
-    `afina.training.checkpoints.save_checkpoint`, and read back by `latest_checkpoint` alike."""
+    directory (`torch.distributed.checkpoint`); rank 0 then adds the schedule, RNG and loop state,
+    seals every file with a master key (`files`: the process's `afina.sealing.sealed_files()` unless
+    given), writes the manifest of every file's hash as it is on disk, and renames the directory into
+    place: as atomic and as encrypted as `afina.training.checkpoints.save_checkpoint`, and read back
+    by `latest_checkpoint` alike."""
     import torch.distributed.checkpoint as dcp
 
     final, staging = directory / f"step-{step:07d}", directory / f".staging-step-{step:07d}"
@@ -360,11 +365,13 @@ def save_sharded_checkpoint(directory: Path, step: int, model: nn.Module, optimi
     if ranks.main:
         torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, staging / "schedule.pt")
         (staging / "state.json").write_text(json.dumps({**state, "step": step}))
-        files = sorted(p for p in staging.iterdir())
-        for path in files:
+        seal_shards(staging, files or sealed_files())
+        written = sorted(p for p in staging.iterdir())
+        for path in written:
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
-        (staging / "manifest.json").write_text(json.dumps({"step": step, "files": {p.name: sha256(p) for p in files}}))
+        (staging / "manifest.json").write_text(json.dumps({"step": step,
+                                                           "files": {p.name: sha256(p) for p in written}}))
         _fsync_dir(staging)
         if final.exists():
             shutil.rmtree(final)
@@ -386,17 +393,28 @@ def sharded_state(model: nn.Module, optimizer) -> dict:
     return {"model": weights, "optimizer": moments}
 
 
-def restore_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> None:
+def seal_shards(staging: Path, files: SealedFiles) -> int:
+    """Seal every file of a sharded checkpoint's staging directory (DCP's shards and metadata, the
+    schedule, the state) when a master key is set, as single-device checkpoints are: `files` is the
+    process's way to seal (`afina.sealing`), which refuses to leave them plain if it cannot seal."""
+    return files.seal_tree(staging)
+
+
+def restore_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler,
+                               files: SealedFiles | None = None) -> None:
     """Load a sharded checkpoint into `model` and `optimizer` as they are split now (FSDP on any
-    number of ranks, or one whole model), then the schedule and RNG."""
+    number of ranks, or one whole model), then the schedule and RNG. Sealed shards are read from a
+    private decrypted copy (`files.plain_copy`, removed afterwards): DCP opens its files itself."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    files = files or sealed_files()
     state = sharded_state(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    with files.plain_copy(path) as plain:
+        dcp.load(state, checkpoint_id=plain)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    saved = torch.load(path / "schedule.pt", weights_only=True)
+    saved = torch.load(io.BytesIO(files.read_bytes(path / "schedule.pt")), weights_only=True)
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
 
@@ -404,8 +422,6 @@ def restore_sharded_checkpoint(path: Path, model: nn.Module, optimizer, schedule
 def restore_whole_into_shards(path: Path, model: nn.Module, optimizer, scheduler, trainable: dict) -> None:
     """A single-device or DDP checkpoint (whole tensors) resumed under FSDP: rank 0's copy split
     into this run's shards, the optimizer state keyed by name as `set_optimizer_state_dict` wants."""
-    import io
-
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     from afina.security.encryption import load_tensors, read_bytes
