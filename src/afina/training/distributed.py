@@ -1,6 +1,7 @@
 """Training on several devices and machines, on PyTorch's own distributed engine.
 
     afina train config.yaml --devices 2                        # one machine: afina starts torchrun itself
+    afina run config.yaml --devices 2                          # the workflow, its training stage on 2
     torchrun --nproc-per-node 8 --nnodes 2 --rdzv-endpoint head:29500 -m afina train config.yaml
 
 Every process runs the one training loop (`afina.training.loop`) on the same examples. What changes:
@@ -16,12 +17,25 @@ Every process runs the one training loop (`afina.training.loop`) on the same exa
     fsdp: `fully_shard` on each decoder layer, then on the whole: weights (a LoRA's frozen base
         too), gradients and optimizer state are split across ranks; checkpoints are
         `torch.distributed.checkpoint` shards (`save_sharded_checkpoint`), readable on any number
-        of processes, and the weights are gathered into one model at the end (`gather_full_weights`)
+        of processes, sealed at rest with a master key like single-device ones (`seal_shards`), and
+        the weights are gathered into one model at the end (`gather_full_weights`)
+    fsdp's options (`shard_model`): training.fsdp_activation_checkpointing recomputes each decoder
+        layer in backward (the composable `checkpoint`), training.fsdp_cpu_offload keeps shards,
+        gradients and optimizer state in CPU memory (`CPUOffloadPolicy`); either makes auto fsdp
+    qlora under fsdp: the 4-bit base stored in the compute dtype (`load_qlora_base_for_sharding`),
+        so that FSDP shards it like any weight; what cannot run is refused before any process
+        starts (`check_parallel_supported`)
+    out of memory on one rank: all ranks agree after each forward and backward
+        (`afina.training.oom.agreed_out_of_memory`), forget the step (`discard_abandoned_step`) and
+        redo it with smaller micro-batches, as one device does
     only rank 0 prints, writes metrics and checkpoints; a signal on any rank stops every rank after
         the same step (`agree`), with one checkpoint
+    `afina run --devices N` (`train_on_devices`): torchrun runs `afina train --resume RUN_DIR` on the
+        run directory the workflow created; rank 0 reports its result back, and the other stages
+        stay in the one process that talks to the store
 
 `training.parallel: auto` picks DDP when the estimate says the run fits one device, FSDP otherwise.
-On CPU the backend is gloo (what the tests run), on CUDA NCCL.
+On CPU the backend is gloo (what the tests run), on CUDA NCCL with gloo beside it for CPU tensors.
 """
 
 from __future__ import annotations
