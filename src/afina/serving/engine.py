@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from afina.models.json_constraint import JsonObjectLogitsProcessor
+from afina.serving.decode import LeanDecoder, SlotCache
 from afina.serving.loading import LoadedModel, ServedModels
 from afina.serving.prefix_cache import PrefixCache
 
@@ -107,10 +108,12 @@ class Sequence:
 
 @dataclass
 class Batch:
-    """The running sequences of one loaded model and their KV cache (rows aligned with `sequences`)."""
+    """The running sequences of one loaded model and their KV cache (rows aligned with `sequences`):
+    a SlotCache where the model decodes through `LeanDecoder`, else transformers' DynamicCache (and
+    always while prefilling)."""
 
     sequences: list[Sequence]
-    cache: DynamicCache
+    cache: DynamicCache | SlotCache
     mask: torch.Tensor  # [rows, cached positions]: 1 where a real token is cached, 0 on left padding
     positions: torch.Tensor  # [rows]: the position of each row's next token
     next_ids: torch.Tensor  # [rows]: the token each row feeds next
@@ -118,11 +121,15 @@ class Batch:
 
 class Engine:
     """Generation for the served models, one batch per loaded model, stepped in turn by one thread.
-    `prefix_cache_tokens` bounds the prompt prefixes kept for reuse (0: none kept)."""
+    `prefix_cache_tokens` bounds the prompt prefixes kept for reuse (0: none kept); `lean_decode`
+    False decodes every model through transformers' forward."""
 
-    def __init__(self, models: ServedModels, max_batch_size: int = 32, prefix_cache_tokens: int = 8192):
+    def __init__(self, models: ServedModels, max_batch_size: int = 32, prefix_cache_tokens: int = 8192,
+                 lean_decode: bool = True):
         self.models = models
         self.max_batch_size = max_batch_size
+        self.decoders: dict[int, LeanDecoder | None] = {
+            id(loaded): LeanDecoder.for_model(loaded.model) if lean_decode else None for loaded in models.loaded}
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.pending: queue.Queue[GenerationRequest] = queue.Queue()
         self.batches: dict[int, Batch] = {}
@@ -231,7 +238,18 @@ class Engine:
             key = group[0]
             joining = self._prefill(self.models.by_id(key), sequences, prefixes[group])
             if joining is not None:
-                self.batches[key] = merge_batches(self.batches[key], joining) if key in self.batches else joining
+                self.batches[key] = self._join(key, self.batches.get(key), joining)
+
+    def _join(self, key: int, running: Batch | None, joining: Batch) -> Batch:
+        """The running batch with the prefilled rows of `joining` added."""
+        decoder = self.decoders.get(key)
+        if decoder is None:
+            return merge_batches(running, joining) if running is not None else joining
+        if running is None:
+            running = Batch([], SlotCache.like(decoder), joining.mask[:0], joining.positions[:0], joining.next_ids[:0])
+        running.cache.join([(layer.keys, layer.values) for layer in joining.cache.layers], joining.mask)
+        return Batch(running.sequences + joining.sequences, running.cache, running.cache.live_mask(),
+                     torch.cat([running.positions, joining.positions]), torch.cat([running.next_ids, joining.next_ids]))
 
     def _new_sequence(self, request: GenerationRequest, index: int, adapter: str, loaded: LoadedModel) -> Sequence:
         params = request.params
@@ -275,12 +293,18 @@ class Engine:
 
     def _step(self, key: int) -> None:
         with torch.inference_mode():
-            loaded, batch = self.models.by_id(key), self.batches[key]
-            mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-            logits = loaded.model(input_ids=batch.next_ids[:, None], attention_mask=mask,
-                                  position_ids=batch.positions[:, None], cache=batch.cache, use_cache=True,
-                                  **adapter_kwargs(loaded, batch.sequences)).logits[:, -1]
-            batch.mask, batch.positions = mask, batch.positions + 1
+            loaded, batch, decoder = self.models.by_id(key), self.batches[key], self.decoders.get(key)
+            if decoder is not None:
+                batch.cache.open_column()
+                names = adapter_kwargs(loaded, batch.sequences).get("adapter_names")
+                logits = decoder.step(batch.next_ids, batch.positions, batch.cache, names)
+                batch.mask, batch.positions = batch.cache.live_mask(), batch.positions + 1
+            else:
+                mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+                logits = loaded.model(input_ids=batch.next_ids[:, None], attention_mask=mask,
+                                      position_ids=batch.positions[:, None], cache=batch.cache, use_cache=True,
+                                      **adapter_kwargs(loaded, batch.sequences)).logits[:, -1]
+                batch.mask, batch.positions = mask, batch.positions + 1
             self.largest_batch = max(self.largest_batch, len(batch.sequences))
             kept = self._choose(loaded, batch, logits)
         if kept is None:
@@ -291,13 +315,18 @@ class Engine:
     def _choose(self, loaded: LoadedModel, batch: Batch, logits: torch.Tensor) -> Batch | None:
         """Pick each row's next token, deliver text, and drop the rows that finished or were cancelled."""
         logits = logits.float()
+        greedy = logits.argmax(-1).tolist()  # one call for every row; used by greedy rows without a constraint
+        lengths = (batch.positions + 1).tolist()
         chosen = []
         for row, sequence in enumerate(batch.sequences):
-            token = pick_token(sequence, logits[row:row + 1], sequence.request.prompt_ids)
+            params = sequence.request.params
+            if params.temperature == 0 and sequence.constraint is None:
+                token = greedy[row]
+            else:
+                token = pick_token(sequence, logits[row:row + 1], sequence.request.prompt_ids)
             chosen.append(token)
-            wanted = sequence.request.params.logprobs
-            logprob = token_logprob(logits[row], token, wanted) if wanted is not None else None
-            advance_sequence(loaded, sequence, token, int(batch.positions[row]) + 1, logprob)
+            logprob = token_logprob(logits[row], token, params.logprobs) if params.logprobs is not None else None
+            advance_sequence(loaded, sequence, token, lengths[row], logprob)
         batch.next_ids = torch.tensor(chosen, dtype=torch.long, device=loaded.device)
         keep = [row for row, s in enumerate(batch.sequences) if s.finish_reason is None
                 and not s.request.cancelled.is_set()]
@@ -306,6 +335,14 @@ class Engine:
         if len(keep) < len(batch.sequences):
             batch = select_rows(batch, keep)
         return batch
+
+
+def keep_rows(batch: Batch, rows: list[int]) -> Batch:
+    """The batch with only `rows` (ascending), its SlotCache kept in place: rows may change order."""
+    order = batch.cache.keep(rows)
+    index = torch.tensor(order, dtype=torch.long, device=batch.positions.device)
+    return Batch([batch.sequences[r] for r in order], batch.cache, batch.cache.live_mask(), batch.positions[index],
+                 batch.next_ids[index])
 
 
 def advance_sequence(loaded: LoadedModel, sequence: Sequence, token: int, length: int,
@@ -400,6 +437,8 @@ def merge_batches(running: Batch, joining: Batch) -> Batch:
 
 def select_rows(batch: Batch, rows: list[int]) -> Batch:
     """The batch with only `rows`, and without the leading cache columns no kept row uses."""
+    if isinstance(batch.cache, SlotCache):
+        return keep_rows(batch, rows)
     index = torch.tensor(rows, device=batch.mask.device)
     mask = batch.mask[index]
     first = int(mask.any(0).nonzero()[0])
