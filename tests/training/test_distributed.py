@@ -29,10 +29,10 @@ from afina.config.schema import LoraMethod, TrainingConfig
 from afina.data.formats import normalize_row
 from afina.data.tokenize import tokenize_records
 from afina.models.loading import load_model, load_tokenizer
-from afina.models.methods import apply_method
+from afina.models.methods import apply_method, decoder_layers
 from afina.sealing import is_sealed
 from afina.training.checkpoints import latest_checkpoint
-from afina.training.distributed import is_sharded, micro_batches_per_rank, rank_share
+from afina.training.distributed import ObjectiveLoss, is_sharded, micro_batches_per_rank, rank_share, shard_model
 from afina.training.loop import train
 from afina.training.metrics import read_metrics
 from afina.training.objectives import token_objective
@@ -211,14 +211,35 @@ def test_two_processes_give_one_process_losses_and_weights_across_a_sigterm_and_
         assert_same_weights(one["weights"], weights)
 
 
-@pytest.mark.parametrize("option", ["fsdp_activation_checkpointing", "fsdp_cpu_offload"])
-def test_fsdp_options_change_memory_not_losses(option, one_process, tiny_model_dir, tmp_path):
-    """Plain FSDP gives one process's losses within 1e-5 (above); so must FSDP with each option."""
+def test_fsdp_options_change_memory_not_losses(one_process, tiny_model_dir, tmp_path):
+    """Plain FSDP gives one process's losses within 1e-5 (above); so must FSDP with both options on
+    (one run for the two: each costs a launch of two processes)."""
     rows, losses, weights = one_process
-    result, two = on_processes(2, tiny_model_dir, rows, tmp_path / "run", "fsdp", tmp_path / "out", **{option: True})
+    result, two = on_processes(2, tiny_model_dir, rows, tmp_path / "run", "fsdp", tmp_path / "out",
+                               fsdp_activation_checkpointing=True, fsdp_cpu_offload=True)
     assert result == {"status": "completed", "steps": SETTINGS["max_steps"]}
     assert step_losses(tmp_path / "run") == pytest.approx(losses, abs=1e-5)
     assert_same_weights(two, weights)
+
+
+def test_fsdp_options_reach_every_decoder_layer(tiny_model_dir, tmp_path):
+    """Equal losses cannot tell an option that was ignored: sharded with both, on a process group of
+    one, every decoder layer is checkpointed and its unit offloaded to CPU memory."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        model = apply_method(load_model(str(tiny_model_dir)), LoraMethod(r=4, alpha=8, dropout=0.0))
+        shard_model(ObjectiveLoss(model, token_objective(128)), model, torch.device("cpu"), checkpointing=True,
+                    cpu_offload=True)
+        layers = list(decoder_layers(model))
+        assert layers and all(checkpoint.state(layer) is not None for layer in layers)
+        assert all(isinstance(layer._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy)
+                   for layer in layers)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("parallel,fault", [("ddp", ("oom", 2)), ("fsdp", ("oom_after_forward", 2))],

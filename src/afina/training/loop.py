@@ -339,11 +339,11 @@ def run_micro_batches(t: Trainer, micro: list[tuple], step_count: float) -> tupl
     ranks, total = t.ranks, 0.0
     for i, (batch, weight) in enumerate(micro):
         with gradient_sync(t.loss, ranks, i == len(micro) - 1):
-            loss, error = out_of_memory_of(lambda: forward(t, batch, step_count))
+            loss, error = out_of_memory_of(forward, t, batch, step_count)
             error = agreed_out_of_memory(error, ranks)
             if error is None:
                 # DDP and FSDP average gradients over ranks: x ranks makes their sum one device's
-                _, error = out_of_memory_of(lambda: t.accelerator.backward(loss * (weight * ranks.world)))
+                _, error = out_of_memory_of(t.accelerator.backward, loss * (weight * ranks.world))
                 error = agreed_out_of_memory(error, ranks)
         if error is not None:
             return total, error
@@ -357,14 +357,15 @@ def forward(t: Trainer, batch, step_count: float) -> torch.Tensor:
         return t.objective.loss_sum(t.model, batch) / step_count
 
 
-def out_of_memory_of(work) -> tuple[object, BaseException | None]:
-    """(what `work()` returns, None), or (None, the out-of-memory error it raised); other errors propagate."""
+def out_of_memory_of(work, *args) -> tuple[object, BaseException | None]:
+    """(what `work(*args)` returns, None), or (None, the out-of-memory error it raised, without its
+    traceback, whose frames would keep the failed step's tensors alive); other errors propagate."""
     try:
-        return work(), None
+        return work(*args), None
     except Exception as error:
         if not is_out_of_memory(error):
             raise
-        return None, error
+        return None, error.with_traceback(None)
 
 
 def micro_batches(t: Trainer, rows: list) -> list[tuple]:
