@@ -16,8 +16,8 @@ still running is cut (its client disconnects) so each level takes the same time 
   logits are ready.
 - `llama.cpp`: llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`, where its
   `server` extra is installed) on the model's GGUF file (for the default model, the bundled Q4_1
-  file: 4-bit weights, an eighth of fp32's bytes), with as many threads as torch uses. It answers
-  one request at a time (a new request waits instead of interrupting the running one).
+  file: 4-bit weights and their scales, about a sixth of fp32's bytes), with as many threads as
+  torch uses. It answers one request at a time (a new request waits instead of interrupting).
 
 Output tokens/s counts every token delivered inside the window (a finished request's usage, else its
 content chunks) over the window. Time to first token p50 and p99 count every request started in the
@@ -386,7 +386,8 @@ def report(system: str, clients: int, result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="what `afina serve` takes (default: the default model)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 8, 16, 32],
+                        help="clients levels (none: the load test only)")
     parser.add_argument("--level-seconds", type=float, default=20, help="how long each clients level runs")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
@@ -408,7 +409,7 @@ def main() -> None:
     results = {"model": args.model, "max_tokens": args.max_tokens, "level_seconds": args.level_seconds,
                "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                "load_average_before": os.getloadavg(), "systems": systems, "levels": []}
-    by_system = {system: run_levels(system, args, tokenizer) for system in systems}
+    by_system = {system: run_levels(system, args, tokenizer) for system in systems} if args.clients else {}
     for clients in args.clients:
         level = {"clients": clients} | {system: by_system[system][clients] for system in systems}
         for other in ("generate", "llama.cpp"):
@@ -472,6 +473,8 @@ def write_chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     load = results.get("load")
+    if not results["levels"]:
+        return
     figure, axes = plt.subplots(1, 3 if load else 2, figsize=(13 if load else 9, 3.6))
     clients = [level["clients"] for level in results["levels"]]
     labels = {"afina": "afina serve", "generate": "generate(), one at a time", "llama.cpp": "llama.cpp server (Q4_1)"}

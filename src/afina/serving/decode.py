@@ -18,7 +18,8 @@ The keys and values of a running batch live in buffers with spare rows and colum
 a decode step writes one column in place; a joining row is written into a free row, right-aligned
 with the others (its left padding zeroed and masked); a finished row is replaced by the last row
 (one row copied, not the whole cache); leading columns that no row uses any more are skipped by
-moving `start`. A buffer is reallocated only when it runs out of room, to twice what is needed.
+moving `start`. A buffer is reallocated only when it runs out of room, with ROW_ROOM rows and
+COLUMN_ROOM columns to spare: the cache's memory follows the batch's size, a few percent above it.
 
 On a CPU every projection and the output head run as oneDNN matmuls on weights reordered once into
 oneDNN's blocked layout (`torch.ops.mkldnn._linear_pointwise`, as PyTorch's compiler does for frozen
@@ -39,7 +40,7 @@ from torch import nn
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 FIXED_ROPE_TYPES = ("default", "linear", "llama3")  # cos/sin of a position do not depend on the length
-ROW_ROOM, COLUMN_ROOM = 8, 128  # the least spare rows and columns a buffer is allocated with
+ROW_ROOM, COLUMN_ROOM = 8, 64  # the spare rows and columns a buffer is allocated with
 REORDER_ROWS = 8  # the batch size oneDNN's weight layout is chosen for (any number of rows works)
 
 
@@ -250,9 +251,9 @@ class SlotCache:
         if rows <= row_room and left <= self.start and self.end + right <= column_room:
             return
         live = self.end - self.start
-        new_rows = max(rows * 2 if rows > row_room else row_room, ROW_ROOM)
-        new_start = 2 * left
-        new_columns = new_start + live + max(2 * right, COLUMN_ROOM)
+        new_rows = rows + ROW_ROOM if rows > row_room else row_room
+        new_start = left
+        new_columns = new_start + live + right + COLUMN_ROOM
         layers, heads, dim = self.shape
         keys = [torch.zeros((new_rows, heads, new_columns, dim), dtype=self.dtype, device=self.device)
                 for _ in range(layers)]

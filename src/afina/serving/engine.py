@@ -122,12 +122,15 @@ class Batch:
 class Engine:
     """Generation for the served models, one batch per loaded model, stepped in turn by one thread.
     `prefix_cache_tokens` bounds the prompt prefixes kept for reuse (0: none kept); `lean_decode`
-    False decodes every model through transformers' forward."""
+    False decodes every model through transformers' forward. Between two decode steps at most
+    `max_prefill_tokens` prompt tokens are prefilled (always at least one request), so a crowd of
+    newcomers joins over a few steps instead of stalling the running rows for all of their prompts."""
 
     def __init__(self, models: ServedModels, max_batch_size: int = 32, prefix_cache_tokens: int = 8192,
-                 lean_decode: bool = True):
+                 lean_decode: bool = True, max_prefill_tokens: int = 512):
         self.models = models
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.decoders: dict[int, LeanDecoder | None] = {
             id(loaded): LeanDecoder.for_model(loaded.model) if lean_decode else None for loaded in models.loaded}
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
@@ -217,11 +220,16 @@ class Engine:
         """Prefill queued requests and let them join their model's running batch. Requests whose prompt
         starts with a cached prefix are prefilled together per prefix, from that prefix on."""
         running = sum(len(b.sequences) for b in self.batches.values())
-        while running + sum(r.params.n for r in taken) < self.max_batch_size:
-            try:
-                taken.append(self.pending.get_nowait())
-            except queue.Empty:
-                break
+        prompts = sum(len(r.prompt_ids) for r in taken)
+        while running + sum(r.params.n for r in taken) < self.max_batch_size and prompts < self.max_prefill_tokens:
+            with self.pending.mutex:  # look at the next request before taking it
+                if not self.pending.queue:
+                    break
+                following = self.pending.queue[0]
+                if taken and prompts + len(following.prompt_ids) > self.max_prefill_tokens:
+                    break
+            taken.append(self.pending.get_nowait())
+            prompts += len(following.prompt_ids)
         groups: dict[tuple, list[Sequence]] = {}
         prefixes: dict[tuple, tuple] = {}
         for request in taken:
