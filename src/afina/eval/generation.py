@@ -39,8 +39,9 @@ def generate_answers(model, tokenizer, records: list[Record], max_new_tokens: in
     order, from `model` as it is (inside `base_model(...)`, its base); with `json_mode` each answer is
     constrained to a JSON object. `on_batch(n)` hears of every n rows answered since its last call."""
     prompts = prompt_ids(tokenizer, records)
-    return answer_prompts(model, tokenizer, {"model": ""}, [("model", p) for p in prompts], max_new_tokens,
-                          batch_size, on_batch, json_mode)
+    generated = generate_ids(model, tokenizer, {"model": ""}, [("model", p) for p in prompts], max_new_tokens,
+                             batch_size, on_batch, json_mode)
+    return decode_answers(tokenizer, generated)
 
 
 def generate_base_and_tuned(model, tokenizer, records: list[Record], max_new_tokens: int, batch_size: int,
@@ -53,8 +54,8 @@ def generate_base_and_tuned(model, tokenizer, records: list[Record], max_new_tok
         raise ValueError("the model cannot answer as its base in the same batch; use generate_answers twice")
     prompts = prompt_ids(tokenizer, records)
     rows = [("base", p) for p in prompts] + [("tuned", p) for p in prompts]
-    answers = answer_prompts(model, tokenizer, {"base": "", "tuned": adapter}, rows, max_new_tokens, batch_size,
-                             on_batch, json_mode)
+    answers = decode_answers(tokenizer, generate_ids(model, tokenizer, {"base": "", "tuned": adapter}, rows,
+                                                     max_new_tokens, batch_size, on_batch, json_mode))
     return answers[:len(prompts)], answers[len(prompts):]
 
 
@@ -85,12 +86,17 @@ def prompt_ids(tokenizer, records: list[Record]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def decode_answers(tokenizer, generated: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
+
+
 @torch.no_grad()
-def answer_prompts(model, tokenizer, routes: dict[str, str], rows: list[tuple[str, list[int]]], max_new_tokens: int,
-                   batch_size: int, on_batch: Callable[[int], None] | None = None,
-                   json_mode: bool = False) -> list[str]:
-    """Greedy answers to `rows` ((route, prompt ids), a route naming the adapter it uses: "" for the
-    model as it is), in row order, from one engine run over `model`."""
+def generate_ids(model, tokenizer, routes: dict[str, str], rows: list[tuple[str, list[int]]], max_new_tokens: int,
+                 batch_size: int, on_batch: Callable[[int], None] | None = None,
+                 json_mode: bool = False) -> list[list[int]]:
+    """The greedy answer's token ids (its end token left out) for each of `rows` ((route, prompt
+    ids), `routes` naming each route's adapter: "" for the model as it is), in row order, from one
+    engine run over `model`."""
     if not rows:
         return []
     was_training = model.training
@@ -137,7 +143,7 @@ def answer_prompts(model, tokenizer, routes: dict[str, str], rows: list[tuple[st
     finally:
         engine.stop()
         model.train(was_training)
-    return [tokenizer.decode(request.sequences[0].generated, skip_special_tokens=True).strip() for request in requests]
+    return [list(request.sequences[0].generated) for request in requests]
 
 
 def _wait(engine: Engine, condition: Callable[[], bool]) -> None:

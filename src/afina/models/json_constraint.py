@@ -204,11 +204,12 @@ class JsonObjectLogitsProcessor(LogitsProcessor):
         closing = closing_text(self.state)
         if remaining <= len(closing):  # no room left to wander: write the closing text
             return [self.forced_token(closing)]
-        order = torch.argsort(scores, descending=True).tolist()
-        chosen = [t for t in order[:CANDIDATES] if self.fits(t, remaining)]
+        likeliest = torch.topk(scores, min(CANDIDATES, scores.shape[-1])).indices.tolist()  # not a full sort
+        chosen = [t for t in likeliest if self.fits(t, remaining)]
         if chosen:
             return chosen
-        for token_id in order[CANDIDATES:]:
+        order = torch.argsort(scores, descending=True).tolist()
+        for token_id in order[len(likeliest):]:
             if self.fits(token_id, remaining):
                 return [token_id]
         return [self.forced_token(closing)]
@@ -217,12 +218,20 @@ class JsonObjectLogitsProcessor(LogitsProcessor):
         text = self.texts[token_id]
         if text is None:
             return False
-        state = advance(self.state, text)
-        return state is not None and len(closing_text(state)) <= remaining - 1
+        closing = closing_length_after(self.state, text)
+        return closing is not None and closing <= remaining - 1
 
     def forced_token(self, closing: str) -> int:
         """The single-character token of the closing text's first character."""
         return forced_ids(self.texts)[closing[0]]
+
+
+@lru_cache(maxsize=1 << 16)
+def closing_length_after(state: tuple, text: str) -> int | None:
+    """How long the closing text is after `text` continues `state`; None when `text` cannot continue
+    it. States recur (inside a string, after a key), so a candidate token is checked once per state."""
+    after = advance(state, text)
+    return None if after is None else len(closing_text(after))
 
 
 @lru_cache(maxsize=8)
