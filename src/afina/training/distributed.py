@@ -471,17 +471,22 @@ def gather_full_weights(model: nn.Module, ranks: Ranks) -> None:
 # --- launching ------------------------------------------------------------------------------------
 
 RESULT_VARIABLE = "AFINA_TRAIN_RESULT"  # where `afina train`'s rank 0 writes its TrainResult for a launcher
+SHUTDOWN_SECONDS = 110  # what torchrun waits for its processes after a signal before killing them
 
 def launch_devices(devices: int, argv: list[str]) -> int:
     """`afina train ... --devices N`: torchrun (`torch.distributed.run`) starts N processes of the
-    same command on this machine; returns their exit code."""
+    same command on this machine; returns their exit code (130 when this process was told to stop).
+
+    A SIGTERM here reaches the processes through torchrun, which gives them SHUTDOWN_SECONDS to
+    finish their step and checkpoint (a spot instance's two-minute notice) before it kills them."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     if devices < 1:
         raise AfinaError("bad_devices", f"--devices must be 1 or more, not {devices}", location="--devices")
-    command = ["--standalone", f"--nproc-per-node={devices}", "--no-python", sys.executable, "-c",
-               "from afina.cli import main; main()", *argv]
+    command = ["--standalone", f"--nproc-per-node={devices}", f"--shutdown-timeout={SHUTDOWN_SECONDS}",
+               "--no-python", sys.executable, "-c", "from afina.cli import main; main()", *argv]
     try:
         torchrun(command)
     except SystemExit as exit_:
@@ -489,6 +494,8 @@ def launch_devices(devices: int, argv: list[str]) -> int:
     except ChildFailedError as error:  # a rank failed and torchrun stopped the others
         print(f"afina: a training process failed: {error}", file=sys.stderr)
         return 1
+    except SignalException:  # SIGTERM or SIGINT: torchrun has passed it on and waited for the processes
+        return 130
     return 0
 
 
@@ -508,6 +515,8 @@ def train_on_devices(run_dir: Path, devices: int):
             code = launch_devices(devices, ["train", "--resume", str(run_dir)])
         finally:
             os.environ.pop(RESULT_VARIABLE, None)
+        if not result_file.is_file() and code == 130:  # stopped before rank 0 could report
+            raise KeyboardInterrupt
         if not result_file.is_file():  # an interrupted run still reports: its checkpoint was written
             raise AfinaError("training_failed", f"training on {devices} processes failed (exit code {code})",
                              location=str(run_dir), hint="their error is printed above; once fixed, continue "
