@@ -35,6 +35,10 @@ left to transformers' forward: `for_model` returns None.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -58,6 +62,7 @@ class LeanDecoder:
         self.dtype, self.device = parameter.dtype, parameter.device
         self.cos = self.sin = None  # per position, [context, head_dim]; made at the first step
         self.reordered = reorder_weights(inner, self.device)  # id(nn.Linear) -> (oneDNN weight, bias)
+        self.linears = [module for module in inner.modules() if id(module) in self.reordered]
 
     @classmethod
     def for_model(cls, model: nn.Module) -> LeanDecoder | None:
@@ -148,6 +153,19 @@ class LeanDecoder:
             gated = mlp.act_fn(project(mlp.gate_proj, x, kwargs)) * project(mlp.up_proj, x, kwargs)
             hidden = hidden + project(mlp.down_proj, gated, kwargs)
         return self.linear(self.inner.lm_head, self.inner.model.norm(hidden))
+
+    @contextlib.contextmanager
+    def reordered_linears(self) -> Iterator[None]:
+        """While the block runs, the model's own forward (a prefill) uses the reordered weights too."""
+        for module in self.linears:
+            weight, bias = self.reordered[id(module)]
+            module.forward = partial(torch.ops.mkldnn._linear_pointwise, W=weight, B=bias, attr="none", scalars=[],
+                                     algorithm="")
+        try:
+            yield
+        finally:
+            for module in self.linears:
+                del module.forward
 
     def adapter_rows(self, adapter_names: list[str] | None) -> dict[str, torch.Tensor] | None:
         """The rows of each adapter in use (None when every row uses the base model)."""

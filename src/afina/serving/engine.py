@@ -23,6 +23,7 @@ Events delivered per sequence (a request with n=2 has sequences 0 and 1):
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -285,8 +286,10 @@ class Engine:
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
         cache = prefix[0].cache(cached, len(sequences)) if prefix else DynamicCache()
-        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                              use_cache=True, logits_to_keep=1, **adapter_kwargs(loaded, sequences)).logits[:, -1]
+        decoder = self.decoders.get(id(loaded))
+        with decoder.reordered_linears() if decoder is not None else contextlib.nullcontext():
+            logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                  use_cache=True, logits_to_keep=1, **adapter_kwargs(loaded, sequences)).logits[:, -1]
         batch = Batch(sequences, cache, mask, mask.sum(-1), torch.zeros(len(sequences), dtype=torch.long,
                                                                          device=loaded.device))
         self._remember_prompts(loaded, batch)
