@@ -19,6 +19,10 @@ still running is cut (its client disconnects) so each level takes the same time 
   file: 4-bit weights and their scales, about a sixth of fp32's bytes), with as many threads as
   torch uses. It answers one request at a time (a new request waits instead of interrupting).
 
+Every system runs under the allocator and OpenMP wait policy the `afina` command uses (tcmalloc
+where installed; OpenMP threads sleep while they wait): on a machine shared with other work, spinning
+OpenMP threads would slow generate() several times and say nothing about it.
+
 Output tokens/s counts every token delivered inside the window (a finished request's usage, else its
 content chunks) over the window. Time to first token p50 and p99 count every request started in the
 window; one still waiting for its first token when the window ends counts its wait so far (a lower
@@ -48,7 +52,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import torch
+from afina.training.allocator import run_under_allocator
+
+if __name__ == "__main__":  # generate() and llama.cpp under afina serve's allocator and OpenMP wait policy
+    run_under_allocator()
+
+import torch  # noqa: E402
 
 QUESTIONS = ["My printer is jammed, what should I do?", "How do I reset my password?",
              "The VPN does not connect from home.", "Outlook keeps asking for my password.",
