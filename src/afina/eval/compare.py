@@ -13,18 +13,17 @@ from afina.config.gate import metric_base_name
 from afina.config.schema import EvalConfig, RunConfig
 from afina.data.records import Record
 from afina.data.tokenize import Example
-from afina.eval.generation import generate_answers, generate_base_and_tuned, shares_batch_with_base
+from afina.eval.generation import generate_answers
 from afina.eval.metrics import per_example_scores, score_generations
 from afina.eval.preference import measure_preferences
 from afina.training.validation import evaluate_loss
 
 
 def evaluate_model(model, tokenizer, records: list[Record], examples: list[Example], config: EvalConfig,
-                   objective, on_batch=None, loss_per_example: bool = False,
-                   predictions: list[str] | None = None) -> dict:
+                   objective, on_batch=None, loss_per_example: bool = False) -> dict:
     """Loss and perplexity on the test examples (the token `objective`'s), then generation metrics on
-    their prompts (scoring `predictions` when they were generated already). `loss_per_example` also
-    measures each example's loss on its own (one forward pass each, so only when a gate compares losses)."""
+    their prompts. `loss_per_example` also measures each example's loss on its own (one forward pass
+    each, so only when a gate compares losses)."""
     loss, tokens = evaluate_loss(model, examples, objective, 1, tokenizer.pad_token_id)
     per_example = {}
     if loss_per_example:
@@ -34,9 +33,8 @@ def evaluate_model(model, tokenizer, records: list[Record], examples: list[Examp
         return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, "predictions": [],
                 "references": [], "per_example": per_example}
     references = [r.reference_answer() or "" for r in records]
-    if predictions is None:
-        predictions = generate_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size,
-                                       on_batch, config.json_mode)
+    predictions = generate_answers(model, tokenizer, records, config.max_new_tokens, config.batch_size, on_batch,
+                                   config.json_mode)
     scores = score_generations(predictions, references)
     per_example.update(per_example_scores(predictions, references))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens, **scores,
@@ -52,26 +50,16 @@ def evaluate_objective(objective, model, base_scope: Callable[[], AbstractContex
     if objective.packs_tokens:
         gated = [config.gate.metric, *(guard.metric for guard in config.gate.guards)]
         per_example = any(metric_base_name(metric) == "loss" for metric in gated)  # one pass per row: only if gated
-        answers = answers_in_one_pass(model, tokenizer, records, config.eval)
         with base_scope() as base_view:
             base = evaluate_model(base_view, tokenizer, records, units, config.eval, objective,
-                                  loss_per_example=per_example, predictions=answers[0])
+                                  loss_per_example=per_example)
         return base, evaluate_model(model, tokenizer, records, units, config.eval, objective,
-                                    loss_per_example=per_example, predictions=answers[1])
+                                    loss_per_example=per_example)
     base, tuned, measures = measure_preferences(model, base_scope, tokenizer, records, units, config.eval,
                                                 config.training.row_length, config.data.max_length,
                                                 **objective.measures)
     objective.add_test_metrics(base, tuned, measures)
     return base, tuned
-
-
-def answers_in_one_pass(model, tokenizer, records: list[Record], config: EvalConfig) -> tuple:
-    """(base answers, tuned answers) generated in shared batches where the model can answer as its
-    base row by row (a PEFT LoRA model); else (None, None): each model generates in its own pass."""
-    if not any(r.reference_answer() for r in records) or shares_batch_with_base(model) is None:
-        return None, None
-    return generate_base_and_tuned(model, tokenizer, records, config.max_new_tokens, config.batch_size,
-                                   json_mode=config.json_mode)
 
 
 METRIC_ROWS = [("loss", "test loss", False), ("perplexity", "perplexity", False),

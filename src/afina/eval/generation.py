@@ -1,7 +1,7 @@
 """Greedy answers for evaluation, decoded by afina's serving engine (`afina.serving.engine`).
 
     answers = generate_answers(model, tokenizer, records, max_new_tokens=96, batch_size=16)
-    base, tuned = generate_base_and_tuned(lora_model, tokenizer, records, 96, 16)   # one batch for both
+    base, tuned = generate_base_and_tuned(lora_model, tokenizer, records, 96, 16)   # shared batches
 
 The engine keeps one running batch of up to `batch_size` rows: a row leaves as soon as its answer
 ends and the next prompt takes its place, so no row decodes past its end and no batch waits for its
@@ -9,9 +9,12 @@ longest answer. Prompts are submitted shortest first (a prefill group holds prom
 length, little padding), after one prompt per model computed alone: the start every prompt shares
 (the system prompt) is then in the engine's prefix cache and computed once per model.
 
-A PEFT LoRA model answers as its base and as itself in the same batch, each row with its own
-adapter (`adapter_names`), as the engine batches several adapters when serving: base and tuned
-rows fill one batch instead of two half-empty tails.
+`generate_base_and_tuned` lets a PEFT LoRA model answer as its base and as itself in the same
+batches, each row with its own adapter (`adapter_names`), as the engine batches several adapters
+when serving. Evaluation (`afina.eval.compare`) still runs base and tuned one after the other: on a
+CPU, where a decode step costs about in proportion to its rows, shared batches were not measurably
+faster (benchmarks/eval_speed.py, `afina_one_pass`), and afina's fused SwiGLU layers, which a
+trained LoRA model has, do not take per-row adapters.
 
 Greedy answers equal those of `model.generate(do_sample=False)` one prompt at a time, stopping at
 any of the model's end tokens (`afina.serving.loading.end_token_ids`).
