@@ -11,6 +11,11 @@ batch (their KV cache padded on the left to the batch's length); a sequence that
 once and its cache rows are dropped. Rows of one batch may use different adapters: PEFT selects each
 row's adapter in the same forward pass (`adapter_names`).
 
+Llama-family models (plain or with LoRA adapters) decode through `afina.serving.decode`: a lean
+step over a KV cache that rows join and leave in place, with oneDNN matmuls; any other model
+decodes through transformers' forward. Prefill always runs transformers' forward, at most
+`max_prefill_tokens` prompt tokens between two decode steps.
+
 A prompt that starts with tokens a recent prompt started with (a shared system prompt, an earlier
 turn of the conversation) reuses their KV cache (`PrefixCache`): only the rest is computed, and the
 reused rows sit in the batch like any other.
