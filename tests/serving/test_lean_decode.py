@@ -127,6 +127,21 @@ def test_rows_joining_and_leaving_keep_their_own_keys_and_values():
     check()
     assert cache.live_mask().shape[1] == width - 2
 
+    def round_of_newcomers() -> None:  # as many join as the oldest rows, which then leave
+        old = [row for row, values in enumerate(expected) if len(values) > COLUMN_ROOM // 2]
+        join([[7.0] * 3 for _ in old] or [[7.0]])
+        for value in range(COLUMN_ROOM // 2):
+            step(float(value))
+        order = cache.keep([row for row in range(cache.rows) if row not in old])
+        expected[:] = [expected[row] for row in order]
+        check()
+
+    round_of_newcomers()
+    reallocations = cache.reallocations
+    for _ in range(8):  # the batch keeps its size: the live columns move back in place, no new buffers
+        round_of_newcomers()
+    assert cache.reallocations == reallocations
+
 
 def test_models_whose_forward_does_more_are_left_to_transformers(tiny_model):
     assert LeanDecoder.for_model(tiny_model) is not None

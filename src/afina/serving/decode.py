@@ -18,8 +18,10 @@ The keys and values of a running batch live in buffers with spare rows and colum
 a decode step writes one column in place; a joining row is written into a free row, right-aligned
 with the others (its left padding zeroed and masked); a finished row is replaced by the last row
 (one row copied, not the whole cache); leading columns that no row uses any more are skipped by
-moving `start`. A buffer is reallocated only when it runs out of room, with ROW_ROOM rows and
-COLUMN_ROOM columns to spare: the cache's memory follows the batch's size, a few percent above it.
+moving `start`; when the last column is reached, the live columns move back to the first ones in
+place. A buffer is reallocated only when the batch outgrows it, with ROW_ROOM rows and
+COLUMN_ROOM columns to spare, in whole multiples of them: the cache's memory follows the batch's
+size, and the few sizes it takes let the allocator reuse the blocks it freed instead of growing.
 
 On a CPU every projection and the output head run as oneDNN matmuls on weights reordered once into
 oneDNN's blocked layout (`torch.ops.mkldnn._linear_pointwise`, as PyTorch's compiler does for frozen
@@ -228,6 +230,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 class CacheLayer:
     """One layer's live keys and values, [rows, kv_heads, columns, head_dim] (as a DynamicCache's
     layers expose them, for code that reads a cache of either kind)."""
@@ -269,9 +275,15 @@ class SlotCache:
         if rows <= row_room and left <= self.start and self.end + right <= column_room:
             return
         live = self.end - self.start
-        new_rows = rows + ROW_ROOM if rows > row_room else row_room
+        if rows <= row_room and left == 0 and live + right <= column_room and self.keys:
+            # the columns before `start` are free: move the live ones there, in the same buffers
+            for tensor in self.keys + self.values + [self.mask[:, None, :]]:
+                tensor[:self.rows, :, :live] = tensor[:self.rows, :, self.start:self.end].clone()
+            self.start, self.end = 0, live
+            return
+        new_rows = round_up(rows + ROW_ROOM, ROW_ROOM) if rows > row_room else row_room
         new_start = left
-        new_columns = new_start + live + right + COLUMN_ROOM
+        new_columns = round_up(new_start + live + right + COLUMN_ROOM, COLUMN_ROOM)
         layers, heads, dim = self.shape
         keys = [torch.zeros((new_rows, heads, new_columns, dim), dtype=self.dtype, device=self.device)
                 for _ in range(layers)]
