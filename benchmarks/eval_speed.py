@@ -11,9 +11,10 @@ Each path answers every row greedily as the base (adapter off) and as the tuned 
 
 - `old`: evaluation as it was: rows in file order, `eval.batch_size` rows per `model.generate()`
   (left padding; a batch decodes until its longest answer ends), base then tuned.
-- `afina`: `afina.eval.generation.generate_answers`, base then tuned (afina's serving engine: rows
-  leave as they finish and the next prompt takes their place, prompts by length, the shared system
-  prompt computed once per model).
+- `afina`: `afina.eval.generation.generate_answers` (what evaluation runs), base then tuned: one
+  `generate()` per batch of prompts sorted by length, answers back in record order.
+- `afina_engine`: `generate_ids` through afina's serving engine, base then tuned: rows leave as
+  they finish and the next prompt takes their place, the shared system prompt computed once per model.
 - `afina_one_pass`: `generate_base_and_tuned` on the same adapter through PEFT's own LoRA layers
   (afina's fused SwiGLU does not take per-row adapters): base and tuned rows in one batch, each row
   with its own adapter. Evaluation itself keeps two passes unless this is measurably faster.
@@ -91,7 +92,7 @@ def old_answers(model, tokenizer, records, max_new_tokens: int, batch_size: int)
 
 
 def run_path(path: str, models: dict, tokenizer, records, args) -> tuple[float, list[str], list[str]]:
-    from afina.eval.generation import generate_answers, generate_base_and_tuned
+    from afina.eval.generation import decode_answers, generate_answers, generate_base_and_tuned, generate_ids, prompt_ids
     from afina.models.methods import base_model
 
     model = models["plain" if path == "afina_one_pass" else "fused"]
@@ -99,7 +100,12 @@ def run_path(path: str, models: dict, tokenizer, records, args) -> tuple[float, 
     if path == "afina_one_pass":
         base, tuned = generate_base_and_tuned(model, tokenizer, records, args.max_new_tokens, args.batch_size)
     else:
-        answer = old_answers if path == "old" else generate_answers
+        def engine(model, tokenizer, records, max_new_tokens, batch_size):
+            rows = [("model", p) for p in prompt_ids(tokenizer, records)]
+            return decode_answers(tokenizer, generate_ids(model, tokenizer, {"model": ""}, rows, max_new_tokens,
+                                                          batch_size))
+
+        answer = {"old": old_answers, "afina": generate_answers, "afina_engine": engine}[path]
         with base_model(model):
             base = answer(model, tokenizer, records, args.max_new_tokens, args.batch_size)
         tuned = answer(model, tokenizer, records, args.max_new_tokens, args.batch_size)
@@ -112,7 +118,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100, help="invoice test rows, each answered by base and tuned")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16, help="eval.batch_size")
-    parser.add_argument("--paths", default="old,afina,afina_one_pass")
+    parser.add_argument("--paths", default="old,afina,afina_engine,afina_one_pass")
     parser.add_argument("--epoch-seconds", type=float, default=190.0,
                         help="wall time of one default training epoch on 600 invoice rows, this machine")
     args = parser.parse_args()

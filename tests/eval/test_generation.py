@@ -75,6 +75,8 @@ def test_answers_equal_generate_one_prompt_at_a_time(tiny_model_dir, tiny_tokeni
     rows = [("model", p) for p in prompt_ids(tiny_tokenizer, records)]
     assert generate_ids(model, tiny_tokenizer, {"model": ""}, rows, 20, batch_size, json_mode=json_mode) == expected
     assert len({len(answer) for answer in expected}) > 1  # rows finish at different steps
+    decoded = [tiny_tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in expected]
+    assert generate_answers(model, tiny_tokenizer, records, 20, batch_size, json_mode=json_mode) == decoded
 
 
 def test_base_and_tuned_share_batches_and_answer_as_their_own_model(tiny_model_dir, tiny_tokenizer):

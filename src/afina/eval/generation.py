@@ -1,23 +1,22 @@
-"""Greedy answers for evaluation, decoded by afina's serving engine (`afina.serving.engine`).
+"""Greedy answers for evaluation.
 
     answers = generate_answers(model, tokenizer, records, max_new_tokens=96, batch_size=16)
     base, tuned = generate_base_and_tuned(lora_model, tokenizer, records, 96, 16)   # shared batches
 
-The engine keeps one running batch of up to `batch_size` rows: a row leaves as soon as its answer
-ends and the next prompt takes its place, so no row decodes past its end and no batch waits for its
-longest answer. Prompts are submitted shortest first (a prefill group holds prompts of about one
-length, little padding), after one prompt per model computed alone: the start every prompt shares
-(the system prompt) is then in the engine's prefix cache and computed once per model.
+`generate_answers` runs one left-padded `model.generate()` per batch of prompts sorted by length
+(little padding; rows that end together), answers returned in record order.
 
-`generate_base_and_tuned` lets a PEFT LoRA model answer as its base and as itself in the same
-batches, each row with its own adapter (`adapter_names`), as the engine batches several adapters
-when serving. Evaluation (`afina.eval.compare`) still runs base and tuned one after the other: on a
-CPU, where a decode step costs about in proportion to its rows, shared batches were not measurably
-faster (benchmarks/eval_speed.py, `afina_one_pass`), and afina's fused SwiGLU layers, which a
-trained LoRA model has, do not take per-row adapters.
+`generate_ids` decodes through afina's serving engine (`afina.serving.engine`) instead: one running
+batch where a row leaves as soon as its answer ends and the next prompt takes its place, the start
+every prompt shares (the system prompt) computed once per model through the engine's prefix cache.
+`generate_base_and_tuned` uses it to let a PEFT LoRA model answer as its base and as itself in the
+same batches, each row with its own adapter (`adapter_names`), as the engine batches several
+adapters when serving. Evaluation uses `generate_answers`: on an idle CPU the engine was not faster
+(benchmarks/eval_speed.py compares them), and afina's fused SwiGLU layers, which a trained LoRA
+model has, do not take per-row adapters.
 
-Greedy answers equal those of `model.generate(do_sample=False)` one prompt at a time, stopping at
-any of the model's end tokens (`afina.serving.loading.end_token_ids`).
+Greedy answers of every path equal those of `model.generate(do_sample=False)` one prompt at a
+time, stopping at any of the model's end tokens (`afina.serving.loading.end_token_ids`).
 """
 
 from __future__ import annotations
@@ -26,10 +25,12 @@ import threading
 from collections.abc import Callable
 
 import torch
+from transformers import LogitsProcessor
 
 from afina.data.records import Record
 from afina.data.tokenize import render_prompt
 from afina.models.fused_layers import fused_mlp_forward
+from afina.models.json_constraint import JsonObjectLogitsProcessor
 from afina.serving.engine import Engine, Finished, GenerationRequest, SamplingParams
 from afina.serving.loading import LoadedModel, ServedModels, context_length, end_token_ids
 
@@ -40,11 +41,47 @@ def generate_answers(model, tokenizer, records: list[Record], max_new_tokens: in
                      on_batch: Callable[[int], None] | None = None, json_mode: bool = False) -> list[str]:
     """Greedy answers to each record's prompt (the conversation before its final answer), in record
     order, from `model` as it is (inside `base_model(...)`, its base); with `json_mode` each answer is
-    constrained to a JSON object. `on_batch(n)` hears of every n rows answered since its last call."""
+    constrained to a JSON object. `on_batch(n)` hears of every n rows answered since its last call.
+
+    One left-padded `model.generate()` per `batch_size` prompts of about the same length (sorted by
+    length, so a batch holds little padding and its rows tend to end together)."""
     prompts = prompt_ids(tokenizer, records)
-    generated = generate_ids(model, tokenizer, {"model": ""}, [("model", p) for p in prompts], max_new_tokens,
-                             batch_size, on_batch, json_mode)
-    return decode_answers(tokenizer, generated)
+    ends = list(end_token_ids(tokenizer, model))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, list[int]] = {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            longest = max(len(prompts[i]) for i in rows)
+            ids = torch.tensor([[pad] * (longest - len(prompts[i])) + prompts[i] for i in rows], device=device)
+            mask = torch.tensor([[0] * (longest - len(prompts[i])) + [1] * len(prompts[i]) for i in rows],
+                                device=device)
+            constraint = [RowJsonObjects(tokenizer, len(rows), max_new_tokens, ends[0])] if json_mode else None
+            with torch.no_grad():
+                output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False, pad_token_id=pad, eos_token_id=ends,
+                                        logits_processor=constraint)
+            for row, index in enumerate(rows):
+                answers[index] = [t for t in output[row, longest:].tolist() if t not in ends and t != pad]
+            if on_batch:
+                on_batch(len(rows))
+    finally:
+        model.train(was_training)
+    return decode_answers(tokenizer, [answers[i] for i in range(len(prompts))])
+
+
+class RowJsonObjects(LogitsProcessor):
+    """JSON-object constrained decoding for a batch: one `JsonObjectLogitsProcessor` per row."""
+
+    def __init__(self, tokenizer, rows: int, max_new_tokens: int, end_token_id: int):
+        self.rows = [JsonObjectLogitsProcessor(tokenizer, max_new_tokens, end_token_id) for _ in range(rows)]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return torch.cat([row(input_ids[i : i + 1], scores[i : i + 1]) for i, row in enumerate(self.rows)])
 
 
 def generate_base_and_tuned(model, tokenizer, records: list[Record], max_new_tokens: int, batch_size: int,
