@@ -343,6 +343,61 @@ def test_method_config_errors_name_the_key_and_the_fix():
     assert "gradient_checkpointing" in error.value.message
 
 
+def qlora_run_config(model_dir, **training):
+    return validate_config({"model": str(model_dir), "data": {"path": "d.jsonl"},
+                            "method": {"name": "qlora", "r": 4}, "training": training})
+
+
+def test_afina_train_loads_qlora_base_quantized(tiny_model_dir, monkeypatch):
+    """The pipeline's loader hands bitsandbytes' 4-bit config (NF4, double quantization, the compute
+    dtype) and this process's GPU to transformers; under FSDP the packed weights are stored in the
+    compute dtype so that they shard. transformers' loading is recorded here: quantizing needs CUDA."""
+    import afina.models.loading as loading
+    from afina.pipeline import stages
+
+    seen = []
+
+    def from_pretrained(source, **kwargs):
+        seen.append(kwargs)
+        raise OSError("recorded")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(stages, "check_method_supported", lambda method: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for parallel, distributed in (("auto", False), ("fsdp", True)):
+        monkeypatch.setattr(stages, "current_ranks", lambda d=distributed: type("R", (), {"distributed": d})())
+        with pytest.raises(AfinaError):
+            stages.load_base_for_training(qlora_run_config(tiny_model_dir, parallel=parallel))
+    single, sharded = (kwargs["quantization_config"] for kwargs in seen)
+    assert all(kwargs["device_map"] == {"": 0} for kwargs in seen)
+    assert single.load_in_4bit and single.bnb_4bit_quant_type == "nf4" and single.bnb_4bit_use_double_quant
+    assert single.bnb_4bit_quant_storage == torch.uint8
+    assert sharded.bnb_4bit_quant_storage == sharded.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_afina_train_refuses_qlora_without_cuda_before_reading_weights(tiny_model_dir, monkeypatch):
+    if has_cuda_and_bitsandbytes():
+        pytest.skip("this machine runs quantized bases: nothing to refuse")
+    import afina.models.loading as loading
+    from afina.pipeline import stages
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(AfinaError) as error:
+        stages.load_base_for_training(qlora_run_config(tiny_model_dir))
+    assert error.value.code == "cuda_required"
+
+
+@pytest.mark.skipif(not has_cuda_and_bitsandbytes(), reason="qlora needs a CUDA GPU and bitsandbytes")
+def test_afina_train_qlora_base_is_4bit_on_gpu(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from afina.pipeline.stages import load_training_model
+
+    model = load_training_model(qlora_run_config(tiny_model_dir), Console(quiet=True))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert all("lora_" in n for n in trainable_parameters(model))
+
+
 def test_freeze_refuses_a_module_that_matches_nothing(tiny_model_dir):
     with pytest.raises(AfinaError) as error:
         build(tiny_model_dir, FreezeMethod(train_last_layers=0, train_modules=["model.no_such.*"]))

@@ -247,14 +247,18 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load the model weights (safetensors only, no remote code)."""
+def load_model(name: str, dtype: torch.dtype = torch.float32, quantization_config=None) -> PreTrainedModel:
+    """Load the model weights (safetensors only, no remote code). With a `quantization_config`
+    (bitsandbytes' 4- or 8-bit base, qlora's) the weights are quantized as they load, onto this
+    process's CUDA device, where bitsandbytes computes with them."""
     named = resolve_model_dir(name)
+    quantized = {} if quantization_config is None else {
+        "quantization_config": quantization_config, "device_map": {"": torch.cuda.current_device()}}
     with readable_model_dir(named) as source:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, trust_remote_code=False, use_safetensors=True,
-                attn_implementation=attention.IMPLEMENTATION,
+                attn_implementation=attention.IMPLEMENTATION, **quantized,
             )
         except OSError as exc:
             raise AfinaError("model_not_found", f"cannot load model {name!r}: {exc}", location="model",

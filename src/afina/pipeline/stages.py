@@ -21,7 +21,7 @@ from afina.estimate import check_before_launch
 from afina.eval.compare import comparison_table, evaluate_objective
 from afina.models.artifacts import check_trained, load_trained, save_trained
 from afina.models.loading import load_model, load_tokenizer
-from afina.models.methods import apply_method, base_model
+from afina.models.methods import apply_method, base_model, check_method_supported, quantization_config
 from afina.paths import check_afina_home
 from afina.pipeline.prepare import (PreparedData, general_units, prepare_data, quiet_libraries, read_data,
                                    tokenize_split, weights_dtype)
@@ -29,7 +29,7 @@ from afina.pipeline.run_dir import create_run_dir, load_run_config, read_split, 
 from afina.security.encryption import encrypt_tree, use_encryption, write_bytes
 from afina.training.allocator import missing_allocator_hint
 from afina.training.checkpoints import list_checkpoints
-from afina.training.distributed import from_main, is_main_process
+from afina.training.distributed import current_ranks, from_main, is_main_process, load_qlora_base_for_sharding
 from afina.training.loop import TrainResult, train
 from afina.training.objectives import objective_for
 from afina.training.validation import evaluate_loss
@@ -95,9 +95,21 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedData:
 def load_training_model(config: RunConfig, console: Console):
     """The base model with the run's method applied, ready for `train_run`."""
     with console.status(f"loading {config.model} (the default model is converted from GGUF on first use)"):
-        model = load_model(config.model, dtype=weights_dtype(config))
+        model = load_base_for_training(config)
     torch.manual_seed(config.training.seed)
     return apply_method(model, config.method)
+
+
+def load_base_for_training(config: RunConfig):
+    """The base as the method trains it: quantized as it loads for a k-bit method (qlora's 4-bit base;
+    stored in the compute dtype where FSDP shards it), else in `weights_dtype`."""
+    method = config.method
+    if not method.base_bits:
+        return load_model(config.model, dtype=weights_dtype(config))
+    check_method_supported(method)  # bitsandbytes and CUDA, before any weight is read
+    if current_ranks().distributed and config.training.parallel == "fsdp":
+        return load_qlora_base_for_sharding(config.model, method)
+    return load_model(config.model, dtype=weights_dtype(config), quantization_config=quantization_config(method))
 
 
 def train_run(config: RunConfig, data: PreparedData, run_dir: Path, console: Console, model=None) -> TrainResult:

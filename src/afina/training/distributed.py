@@ -167,15 +167,10 @@ def qlora_config_for_sharding(method):
 def load_qlora_base_for_sharding(name: str, method) -> nn.Module:
     """qlora's 4-bit base on this rank's GPU, stored for FSDP (`qlora_config_for_sharding`), ready
     for `apply_method` and `train`, where `shard_model` splits it."""
-    from transformers import AutoModelForCausalLM
-
-    from afina.models.loading import readable_model_dir, resolve_model_dir
+    from afina.models.loading import load_model
 
     config = qlora_config_for_sharding(method)
-    with readable_model_dir(resolve_model_dir(name)) as source:
-        return AutoModelForCausalLM.from_pretrained(source, quantization_config=config, trust_remote_code=False,
-                                                    use_safetensors=True, dtype=config.bnb_4bit_compute_dtype,
-                                                    device_map={"": torch.cuda.current_device()})
+    return load_model(name, dtype=config.bnb_4bit_compute_dtype, quantization_config=config)
 
 
 def check_shardable(model: nn.Module) -> None:
