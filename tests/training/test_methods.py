@@ -354,6 +354,7 @@ def test_afina_train_loads_qlora_base_quantized(tiny_model_dir, monkeypatch):
     compute dtype so that they shard. transformers' loading is recorded here: quantizing needs CUDA."""
     import afina.models.loading as loading
     from afina.pipeline import stages
+    from afina.training.distributed import Ranks
 
     seen = []
 
@@ -364,8 +365,8 @@ def test_afina_train_loads_qlora_base_quantized(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(stages, "check_method_supported", lambda method: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    for parallel, distributed in (("auto", False), ("fsdp", True)):
-        monkeypatch.setattr(stages, "current_ranks", lambda d=distributed: type("R", (), {"distributed": d})())
+    for parallel, ranks in (("auto", Ranks()), ("fsdp", Ranks(0, 2, "fsdp"))):
+        monkeypatch.setattr(stages, "current_ranks", lambda ranks=ranks: ranks)
         with pytest.raises(AfinaError):
             stages.load_base_for_training(qlora_run_config(tiny_model_dir, parallel=parallel))
     single, sharded = (kwargs["quantization_config"] for kwargs in seen)
