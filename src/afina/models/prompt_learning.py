@@ -77,10 +77,11 @@ def prompt_learning_body(peft_model: PeftModel, input_ids: torch.Tensor, positio
 def repair_prompt_learning_generation(model: nn.Module) -> None:
     """Make `generate` of prefix / prompt tuning compute what training computed (transformers 5).
 
-    PEFT (0.21) prepares each generation step under the old cache name `past_key_values`, while
+    PEFT up to 0.21 prepares each generation step under the old cache name `past_key_values`, while
     transformers 5 passes and returns the cache as `cache` and ignores the old name when both are
     set: a prefix-tuned model then generated exactly as its base, and prompt tuning re-inserted its
-    virtual tokens at every step. Translating the name around PEFT's preparation fixes both.
+    virtual tokens at every step. Where PEFT still uses the old name, translating it around PEFT's
+    preparation fixes both; PEFT 0.22 reads the new name itself.
     PEFT also drops the position ids of prompt tuning, so in a left-padded batch the prompt's
     tokens sat as many positions further from the virtual tokens as the row had padding; they are
     rebuilt from the attention mask, as transformers does for plain models.
@@ -90,6 +91,9 @@ def repair_prompt_learning_generation(model: nn.Module) -> None:
     if cache_argument(model.get_base_model().base_model) != "cache":
         return
     prompt_tuning = model.active_peft_config.peft_type == "PROMPT_TUNING"
+    translate = peft_cache_name() != "cache"
+    if not (translate or prompt_tuning):
+        return
     base_prepare = model.base_model_prepare_inputs_for_generation
     peft_prepare = model.prepare_inputs_for_generation
 
@@ -100,14 +104,15 @@ def repair_prompt_learning_generation(model: nn.Module) -> None:
         return inputs
 
     def prepare_new_name(*args, **kwargs) -> dict:
-        model.base_model_prepare_inputs_for_generation = base_prepare_old_name
+        if translate:
+            model.base_model_prepare_inputs_for_generation = base_prepare_old_name
         try:
             with warnings.catch_warnings():  # PEFT warns that it drops position ids; they are rebuilt below
                 warnings.filterwarnings("ignore", message="Position ids are not supported")
                 inputs = peft_prepare(*args, **kwargs)
         finally:
             model.base_model_prepare_inputs_for_generation = base_prepare
-        if "past_key_values" in inputs:
+        if translate and "past_key_values" in inputs:
             inputs["cache"] = inputs.pop("past_key_values")
         if prompt_tuning:
             positions_from_mask(inputs)
@@ -129,3 +134,12 @@ def positions_from_mask(inputs: dict) -> None:
 def cache_argument(body: nn.Module) -> str:
     """transformers 5 renames `past_key_values` to `cache` (the old name goes in 5.40)."""
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def peft_cache_name() -> str:
+    """The cache name PEFT prepares generation under: `cache` from PEFT 0.22, `past_key_values` before."""
+    try:
+        from peft.import_utils import get_transformers_cache_name
+    except ImportError:
+        return "past_key_values"
+    return get_transformers_cache_name()
