@@ -97,30 +97,6 @@ def test_train_speed_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, 
     assert results["afina"]["runs"][0]["onednn_cache_capacity"] == "64"
 
 
-def test_quality_benchmark_runs_on_a_tiny_model_against_trl(tiny_model_dir, tmp_path, afina_home):
-    pytest.importorskip("trl", reason="the benchmark compares against TRL (installed with the dev extras)")
-    done = run_script(ROOT / "benchmarks" / "quality.py", "--model", tiny_model_dir, "--smoke", "--out", tmp_path,
-                      env={"AFINA_HOME": str(afina_home)}, timeout=600)  # seconds on a quiet machine; minutes on a busy one
-    assert done.returncode == 0, done.stderr[-2000:]
-    tasks = json.loads((tmp_path / "results.json").read_text())["tasks"]
-    assert set(tasks) == {"invoices", "intents", "replies", "tickets"}
-    for name, task in tasks.items():
-        runs = task["runs"]
-        assert {"afina_1epoch", "afina_auto", "trl_defaults", "trl_tuned"} <= set(runs), (name, runs)
-        for setting, run in runs.items():
-            assert "error" not in run, (name, setting, run)
-            # every system is scored on the same held-out rows by the same scorer
-            assert run["examples"] == 2 and run["steps"] >= 1 and run["wall_seconds"] > 0, (name, setting, run)
-            assert 0 <= run[task["main_metric"]] <= 1
-        assert task["base"]["examples"] == 2
-        # afina's defaults with epochs auto train more steps than one epoch of the same config
-        assert runs["afina_auto"]["steps"] > runs["afina_1epoch"]["steps"]
-    assert "json_valid" in tasks["invoices"]["runs"]["trl_tuned"] and "json_valid" not in tasks["intents"]["base"]
-    report = (tmp_path / "results.md").read_text()
-    assert "| invoices | trl_tuned |" in report and "(c) afina's best" in report
-    assert (tmp_path / "chart.png").stat().st_size > 0
-
-
 def test_jobs_api_latency_benchmark_runs_against_a_real_server(tmp_path):
     done = run_script(ROOT / "benchmarks" / "jobs_api_latency.py", "--clients", "3", "--seconds", "1",
                       "--warmup", "0.2", "--out", tmp_path / "latency.json", env={"AFINA_DATABASE_URL": ""})
