@@ -184,6 +184,22 @@ def test_time_budget_stops_with_a_checkpoint(tiny_model_dir, tiny_tokenizer, tic
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 1
 
 
+def test_time_budget_stops_before_a_step_that_would_end_past_it():
+    from types import SimpleNamespace
+
+    from afina.training.loop import StopRequest, stop_reason
+
+    def reason(seconds: float, step: int, minutes: float) -> str:
+        trainer = SimpleNamespace(config=TrainingConfig(max_time_minutes=minutes),
+                                  state=SimpleNamespace(seconds=seconds, evals_without_improvement=0), step=step)
+        return stop_reason(trainer, StopRequest(), 0.0, False)
+
+    # 5 steps in 50 s: the next one would end at about 60 s
+    assert reason(50.0, 5, 61 / 60) == "completed"
+    assert reason(50.0, 5, 59 / 60) == "time_limit"
+    assert reason(50.0, 5, 50 / 60) == "time_limit"
+
+
 def test_continued_pretraining_trains_every_token_of_raw_text(tiny_model_dir, tmp_path, afina_home):
     from afina.config.loading import validate_config
     from afina.pipeline.stages import evaluate_run, run_training

@@ -93,7 +93,8 @@ class TrainingConfig(Strict):
     max_nonfinite_steps: int = Field(
         3, ge=0, description="Non-finite losses in a row that are skipped before the run stops as diverged.")
     max_time_minutes: float | None = Field(
-        None, gt=0, description="Stop with a checkpoint once training has run this long (across resumes).")
+        None, gt=0, description="Stop with a checkpoint before a step that would end past this much training time "
+        "(across resumes; judged by the mean step so far).")
     machine: str | None = Field(
         None, description="Machine name in the price table (e.g. aws-p5.48xlarge), for live cost and max_cost.")
     price_per_hour: float | None = Field(None, ge=0, description="Price of the machine per hour; overrides the table.")

@@ -421,7 +421,8 @@ def stop_reason(t: Trainer, stop: StopRequest, cost: float, validated: bool) -> 
         return "interrupted"
     if config.max_cost is not None and cost >= config.max_cost:
         return "cost_limit"
-    if config.max_time_minutes is not None and state.seconds >= config.max_time_minutes * 60:
+    # stops before a step that would end past the limit: the run's mean step (validations included) foretells it
+    if config.max_time_minutes is not None and state.seconds * (1 + 1 / t.step) > config.max_time_minutes * 60:
         return "time_limit"
     patience = config.early_stopping_patience
     if validated and patience is not None and state.evals_without_improvement >= patience:
