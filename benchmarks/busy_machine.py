@@ -2,25 +2,28 @@
 (`yes > /dev/null`) shares the machine, afina and TRL side by side.
 
     python benchmarks/busy_machine.py                       # default model, bundled tickets
-    python benchmarks/busy_machine.py --systems afina,afina_spinning --steps 2   # afina only, quicker
+    python benchmarks/busy_machine.py --systems afina,afina_fixed --steps 2   # afina only, quicker
 
 Systems (each trains as in train_speed.py, whose workers this reuses):
 
-- `afina`: afina's loop under the environment the `afina` command starts with: the allocator and
-  OpenMP's passive wait policy (`afina.training.allocator.openmp_environment`).
-- `afina_spinning`: the same with OpenMP's default wait (threads spin before they sleep): afina
-  before the wait policy, and what a user gets with `OMP_WAIT_POLICY` set to anything but PASSIVE.
+- `afina`: afina's loop as the `afina` command runs it: OpenMP's default wait (threads spin a while
+  before they sleep) and as many threads as the cores other processes leave
+  (`afina.training.cpu_share`).
+- `afina_fixed`: the same with the threads fixed (`OMP_NUM_THREADS` = the cores, which turns the
+  share off): what afina did before either lever.
+- `afina_passive`: OpenMP's passive wait (`OMP_WAIT_POLICY=PASSIVE`: threads sleep at once), fixed
+  threads: afina's earlier answer to a busy machine.
 - `trl_default`: TRL `SFTTrainer` + PEFT at the settings a user would leave alone, under OpenMP's
   default wait, as TRL's users run it.
-- `--try KEY=VALUE[,KEY=VALUE]` (repeatable) adds afina under OpenMP's defaults plus those settings,
-  named by them, e.g. `--try GOMP_SPINCOUNT=10000` (shorter spins instead of none).
+- `--try KEY=VALUE[,KEY=VALUE]` (repeatable) adds afina with those settings, named by them, e.g.
+  `--try GOMP_SPINCOUNT=10000` (shorter spins; a wait setting turns the share off).
 
 Every system runs `--warmup` untimed and `--steps` timed optimizer steps in a fresh process, once
 alone and once with one `yes` process started beside it (alone first in even rounds, busy first in
 odd ones). The slowdown is the system's tokens/s alone over its tokens/s beside the busy process;
 on a machine with N cores a fair share would be about N / (N - 1) of the time alone, and the goal on
-2 cores is at most 2.2x. `afina` alone over `afina_spinning` alone is what the wait policy costs an
-idle machine. The machine should otherwise be quiet: other work adds to both conditions unevenly.
+2 cores is at most 2.2x. `afina` alone over `afina_fixed` alone is what the share costs an idle
+machine. The machine should otherwise be quiet: other work adds to both conditions unevenly.
 Writes `results.md` and `results.json` to `--out` (default `results/busy_machine/`).
 """
 
@@ -37,9 +40,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import TRL_ENV, worker_command, worker_result
 
-from afina.training.allocator import WAIT_SETTINGS, openmp_environment
+from afina.training.allocator import WAIT_SETTINGS
 
-SYSTEMS = {"afina": {"system": "afina"}, "afina_spinning": {"system": "afina"},
+CORES = str(len(os.sched_getaffinity(0)))
+SYSTEMS = {"afina": {"system": "afina"}, "afina_fixed": {"system": "afina", "env": {"OMP_NUM_THREADS": CORES}},
+           "afina_passive": {"system": "afina", "env": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": CORES}},
            "trl_default": {"system": "trl", "variant": "defaults", "env": TRL_ENV}}
 
 
@@ -66,12 +71,10 @@ def main() -> None:
                         help="also afina with these environment settings instead of its wait policy")
     parser.add_argument("--out", default="results/busy_machine")
     args = parser.parse_args()
-    for key in WAIT_SETTINGS:  # every system starts from OpenMP's defaults; afina's adds its own
+    for key in (*WAIT_SETTINGS, "OMP_NUM_THREADS"):  # every system starts from OpenMP's defaults
         os.environ.pop(key, None)
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": 1.0, "mode": "speed"}
     jobs = {name: {**base, **SYSTEMS[name]} for name in args.systems.split(",")}
-    if "afina" in jobs:
-        jobs["afina"]["env"] = openmp_environment()
     for settings in args.tries:
         jobs[f"afina[{settings}]"] = {**base, "system": "afina",
                                       "env": dict(pair.split("=", 1) for pair in settings.split(","))}
@@ -90,9 +93,9 @@ def main() -> None:
             alone, busy = statistics.median(speeds["alone"]), statistics.median(speeds["busy"])
             results[name] = {"alone_tokens_per_second": alone, "busy_tokens_per_second": busy,
                              "slowdown": alone / busy, "runs": speeds}
-    if "afina" in results and "afina_spinning" in results:
-        results["afina"]["idle_speed_vs_spinning"] = (results["afina"]["alone_tokens_per_second"]
-                                                      / results["afina_spinning"]["alone_tokens_per_second"])
+    if "afina" in results and "afina_fixed" in results:
+        results["afina"]["idle_speed_vs_fixed"] = (results["afina"]["alone_tokens_per_second"]
+                                                   / results["afina_fixed"]["alone_tokens_per_second"])
     write_report(results, args, Path(args.out))
 
 
@@ -104,8 +107,8 @@ def write_report(results: dict, args, out: Path) -> None:
              "| system | tokens/s alone | tokens/s beside `yes` | slowdown |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {r['alone_tokens_per_second']:.0f} | {r['busy_tokens_per_second']:.0f} | "
               f"{r['slowdown']:.2f}x |" for name, r in results.items()]
-    if "idle_speed_vs_spinning" in results.get("afina", {}):
-        lines += ["", f"afina alone / afina_spinning alone: {results['afina']['idle_speed_vs_spinning']:.2f}x"]
+    if "idle_speed_vs_fixed" in results.get("afina", {}):
+        lines += ["", f"afina alone / afina_fixed alone: {results['afina']['idle_speed_vs_fixed']:.2f}x"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

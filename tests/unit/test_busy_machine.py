@@ -1,62 +1,117 @@
-"""The `afina` command starts with OpenMP's threads sleeping while they wait (so that a busy machine
-slows training by its share of the cores, not several times), unless the user set OpenMP's wait
-settings themselves."""
+"""afina keeps its share of a busy machine by running fewer threads while other processes use cores
+(`afina.training.cpu_share`), and leaves OpenMP's spinning alone, which is faster on an idle one."""
 
 import os
 import subprocess
 import sys
 
 import pytest
-
-from afina.training.allocator import WAIT_SETTINGS, openmp_environment
-
-# through the command's start: wait policy set, then torch imported; CPU time burnt while the main
-# thread sleeps after a parallel region is what spinning threads cost a busy machine
-SLEEPING = """
-import os, sys, time
-from afina.training import allocator
-allocator.installed_allocator = lambda: None  # no restart: the environment alone is under test
-assert "torch" not in sys.modules
-allocator.run_under_allocator()
 import torch
-torch.set_num_threads(2)
-x = torch.ones(4_000_000)
-for _ in range(20):
-    x.mul_(1.0)  # a parallel region on both threads
-cpu = time.process_time()
-time.sleep(0.5)
-print(os.environ.get("OMP_WAIT_POLICY"), os.environ.get("KMP_BLOCKTIME"), round(time.process_time() - cpu, 2))
-"""
+
+from afina.training import cpu_share
+from afina.training.allocator import WAIT_SETTINGS
+from afina.training.cpu_share import CpuShare, busy_seconds, share_cpu, threads_to_use
 
 
 def run_child(code: str, env: dict) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items() if key not in WAIT_SETTINGS}
+    environment = {key: value for key, value in os.environ.items() if key not in (*WAIT_SETTINGS, "OMP_NUM_THREADS")}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**environment, **env})
 
 
-def test_threads_wait_passively_unless_the_user_said_otherwise(monkeypatch):
-    for key in WAIT_SETTINGS:
+def test_threads_follow_the_cores_other_processes_leave():
+    assert threads_to_use(2, 0.0) == 2
+    assert threads_to_use(2, 0.4) == 2  # a little background work keeps both
+    assert threads_to_use(2, 0.67) == 1  # one busy process beside two spinning threads gets about 2/3 of a core
+    assert threads_to_use(2, 1.0) == 1
+    assert threads_to_use(2, 3.0) == 1  # never fewer than one
+    assert threads_to_use(16, 4.2) == 12
+
+
+class FakeMachine:
+    """/proc/stat and the clocks of a machine whose other processes' load the test sets."""
+
+    def __init__(self, cores: int):
+        self.cores, self.now, self.others_busy, self.own, self.idle = cores, 0.0, 0.0, 0.0, 0.0
+
+    def run(self, seconds: float, others: float, own: float) -> None:
+        self.now += seconds
+        self.others_busy += others * seconds
+        self.own += own * seconds
+        self.idle += max(0.0, self.cores - others - own) * seconds
+
+    def stat(self) -> str:
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy, idle = round((self.others_busy + self.own) * ticks), round(self.idle * ticks)
+        lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]  # the total line is not read
+        lines += [f"cpu{i} {busy // self.cores} 0 0 {idle // self.cores} 0 0 0 0 0 0" for i in range(self.cores)]
+        return "\n".join(lines) + "\nintr 0\n"
+
+
+def test_a_busy_process_takes_a_thread_after_two_readings_and_gives_it_back_when_it_stops(monkeypatch):
+    machine = FakeMachine(2)
+    calls = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    share = CpuShare({0, 1}, read_stat=machine.stat, clock=lambda: machine.now, own_seconds=lambda: machine.own)
+    machine.run(1.5, others=0.1, own=1.9)
+    share.check()
+    assert calls == []
+    machine.run(1.5, others=0.7, own=1.3)  # `yes` starts: one reading is not enough
+    share.check()
+    assert calls == []
+    machine.run(0.5, others=0.7, own=1.3)  # within a period: not read
+    share.check()
+    assert calls == []
+    machine.run(1.5, others=0.7, own=1.3)
+    share.check()
+    assert calls == [1] and share.threads == 1
+    machine.run(1.5, others=1.0, own=1.0)
+    share.check()
+    machine.run(1.5, others=0.0, own=1.0)  # it stops
+    share.check()
+    machine.run(1.5, others=0.0, own=1.0)
+    share.check()
+    assert calls == [1, 2] and share.threads == 2
+
+
+def test_busy_seconds_count_only_this_process_cores():
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = f"cpu  9 9 9 9 9 9 9 9\ncpu0 {ticks} 0 0 {5 * ticks} {ticks} 0 0 {ticks}\ncpu1 {7 * ticks} 0 0 0 0 0 0 0\n"
+    assert busy_seconds({0}, stat) == 2.0  # user and steal; idle and I/O wait are not work
+    assert busy_seconds({0, 1}, stat) == 9.0
+
+
+def test_the_user_s_own_thread_or_wait_settings_turn_the_share_off(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for key in ("OMP_NUM_THREADS", *WAIT_SETTINGS):
         monkeypatch.delenv(key, raising=False)
-    assert openmp_environment() == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
-    for key in WAIT_SETTINGS:
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat on this system: afina never shares there")
+    assert CpuShare.for_this_process() is not None
+    for key in ("OMP_NUM_THREADS", *WAIT_SETTINGS):
         monkeypatch.setenv(key, "1")
-        assert openmp_environment() == {}, key
+        assert CpuShare.for_this_process() is None, key
         monkeypatch.delenv(key)
 
 
-def test_the_command_imports_no_torch_before_setting_the_wait_policy():
-    done = run_child("import sys, afina.cli, afina.training.allocator; print('torch' in sys.modules)", {})
-    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+def test_the_share_checks_before_each_layer_and_restores_the_threads(monkeypatch, tiny_model):
+    checks = []
+    monkeypatch.setattr(CpuShare, "check", lambda self: checks.append(1))
+    monkeypatch.setattr(CpuShare, "for_this_process", classmethod(lambda cls: cls({0}, read_stat=lambda: "")))
+    threads = torch.get_num_threads()
+    with share_cpu(tiny_model) as share, torch.no_grad():
+        tiny_model(torch.tensor([[1, 2, 3]]))
+        share.threads = threads + 1  # as a check would have set
+    assert len(checks) == tiny_model.config.num_hidden_layers
+    assert torch.get_num_threads() == threads
+    tiny_model(torch.tensor([[1, 2, 3]]))
+    assert len(checks) == tiny_model.config.num_hidden_layers  # the hooks are gone
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to see a second thread spin")
-def test_waiting_threads_burn_no_cpu_unless_the_user_asks_them_to_spin():
-    ours = run_child(SLEEPING, {})
-    assert ours.returncode == 0, ours.stderr
-    policy, blocktime, cpu = ours.stdout.split()
-    assert (policy, blocktime) == ("PASSIVE", "0") and float(cpu) < 0.1
-    spinning = run_child(SLEEPING, {"OMP_WAIT_POLICY": "ACTIVE"})  # the user's own setting is kept
-    assert spinning.returncode == 0, spinning.stderr
-    policy, blocktime, cpu = spinning.stdout.split()
-    assert (policy, blocktime) == ("ACTIVE", "None") and float(cpu) > 0.2  # a thread spun through the sleep
+def test_the_command_sets_no_wait_policy_and_imports_no_torch_before_its_allocator():
+    done = run_child("import os, sys, afina.cli, afina.training.allocator as a; print('torch' in sys.modules); "
+                     "a.installed_allocator = lambda: None; a.run_under_allocator(); "
+                     "print(os.environ.get('OMP_WAIT_POLICY'))", {})
+    assert done.returncode == 0 and done.stdout.split() == ["False", "None"], done.stderr
+    assert cpu_share.PERIOD_SECONDS <= 2  # a busy neighbour is noticed within seconds

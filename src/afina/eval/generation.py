@@ -33,6 +33,7 @@ from afina.models.fused_layers import fused_mlp_forward
 from afina.models.json_constraint import JsonObjectLogitsProcessor
 from afina.serving.engine import Engine, Finished, GenerationRequest, SamplingParams
 from afina.serving.loading import LoadedModel, ServedModels, context_length, end_token_ids
+from afina.training.cpu_share import share_cpu
 
 POLL_SECONDS = 0.05  # how often the caller's thread reports progress and checks the engine is alive
 
@@ -54,21 +55,22 @@ def generate_answers(model, tokenizer, records: list[Record], max_new_tokens: in
     model.eval()
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            longest = max(len(prompts[i]) for i in rows)
-            ids = torch.tensor([[pad] * (longest - len(prompts[i])) + prompts[i] for i in rows], device=device)
-            mask = torch.tensor([[0] * (longest - len(prompts[i])) + [1] * len(prompts[i]) for i in rows],
-                                device=device)
-            constraint = [RowJsonObjects(tokenizer, len(rows), max_new_tokens, ends[0])] if json_mode else None
-            with torch.no_grad():
-                output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                        do_sample=False, pad_token_id=pad, eos_token_id=ends,
-                                        logits_processor=constraint)
-            for row, index in enumerate(rows):
-                answers[index] = [t for t in output[row, longest:].tolist() if t not in ends and t != pad]
-            if on_batch:
-                on_batch(len(rows))
+        with share_cpu(model, device.type == "cpu"):  # keeps its share of a busy CPU
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                longest = max(len(prompts[i]) for i in rows)
+                ids = torch.tensor([[pad] * (longest - len(prompts[i])) + prompts[i] for i in rows], device=device)
+                mask = torch.tensor([[0] * (longest - len(prompts[i])) + [1] * len(prompts[i]) for i in rows],
+                                    device=device)
+                constraint = [RowJsonObjects(tokenizer, len(rows), max_new_tokens, ends[0])] if json_mode else None
+                with torch.no_grad():
+                    output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                            do_sample=False, pad_token_id=pad, eos_token_id=ends,
+                                            logits_processor=constraint)
+                for row, index in enumerate(rows):
+                    answers[index] = [t for t in output[row, longest:].tolist() if t not in ends and t != pad]
+                if on_batch:
+                    on_batch(len(rows))
     finally:
         model.train(was_training)
     return decode_answers(tokenizer, [answers[i] for i in range(len(prompts))])

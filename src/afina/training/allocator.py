@@ -14,13 +14,11 @@ where the user has set `LD_PRELOAD` themselves (`LD_PRELOAD= afina train ...` ru
 malloc), off Linux, and where no allocator is installed (Debian and Ubuntu: `apt-get install
 libtcmalloc-minimal4`; jemalloc, the second choice, is `libjemalloc2`).
 
-PyTorch's CPU kernels run on OpenMP threads, which by default spin while they wait for the next
-parallel region or for each other (GNU OpenMP for GOMP_SPINCOUNT iterations, Intel's for
-KMP_BLOCKTIME ms). On an idle machine that saves a wake-up; beside one other busy process on a small
-machine the spinning threads take the cores the thread they wait for needs, and a training step
-takes several times its time alone (README, Benchmarks: busy_machine.py). The `afina` command
-therefore starts with OpenMP's passive wait policy (threads sleep at once), unless the user has set
-any of OpenMP's wait settings (`OMP_WAIT_POLICY=ACTIVE afina train ...` spins as before).
+PyTorch's CPU kernels run on OpenMP threads, which spin for a while when they wait. afina keeps
+that (on an idle machine sleeping instead cost training and generation up to 1.9x) and keeps its
+share of a busy machine by running fewer threads while other processes use cores
+(`afina.training.cpu_share`). OpenMP's wait settings a user sets (WAIT_SETTINGS) are theirs: with
+any of them, or OMP_NUM_THREADS, set, afina leaves the threads alone.
 """
 
 from __future__ import annotations
@@ -32,9 +30,6 @@ import sys
 ALLOCATORS = ("tcmalloc_minimal", "tcmalloc", "jemalloc")  # in order of preference
 # tcmalloc reports every allocation over 1 GiB on stderr; loading a large model makes dozens
 QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**62)}
-# GNU OpenMP (PyTorch's on Linux) reads OMP_WAIT_POLICY; Intel's OpenMP (some builds of PyTorch and
-# NumPy) also KMP_BLOCKTIME, which PASSIVE would lower to 0 too: spelled out for the reader
-WAIT_PASSIVELY = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_LIBRARY")  # a user's own wins
 
 
@@ -63,20 +58,10 @@ def running_allocator() -> str:
     return os.environ.get("LD_PRELOAD") or "glibc"
 
 
-def openmp_environment() -> dict[str, str]:
-    """The variables that make OpenMP's threads sleep while they wait (WAIT_PASSIVELY); empty where
-    the user set any of WAIT_SETTINGS."""
-    if any(key in os.environ for key in WAIT_SETTINGS):
-        return {}
-    return dict(WAIT_PASSIVELY)
-
-
 def run_under_allocator() -> None:
-    """Set OpenMP's wait policy (`openmp_environment`; read when PyTorch loads OpenMP, so before any
-    import of torch), then replace this process with itself, same arguments, under the installed
-    allocator; returns only where there is nothing to change (already under it, the user's choice, or
-    none installed)."""
-    os.environ.update(openmp_environment())
+    """Replace this process with itself, same arguments, under the installed allocator (before any
+    import of torch); returns only where there is nothing to change (already under it, the user's
+    choice, or none installed)."""
     environment = allocator_environment()
     if environment and sys.executable:  # an embedded interpreter has no executable to start again
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **environment})

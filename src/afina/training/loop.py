@@ -39,6 +39,7 @@ from afina.training.validation import evaluate_loss
 from afina.models.methods import model_shares_prefixes, trainable_parameters
 from afina.training.checkpoints import latest_checkpoint, restore_checkpoint, restore_weights, save_checkpoint
 from afina.training.cost import cost_of, price_per_hour
+from afina.training.cpu_share import share_cpu
 from afina.training.distributed import (NoMetrics, Ranks, agreed_status, all_reduce_sum, barrier, current_ranks,
                                         discard_abandoned_step, full_norm, gather_full_weights, gradient_sync,
                                         is_sharded, micro_batches_per_rank, parallel_of, rank_share,
@@ -206,7 +207,8 @@ def train(model, train_examples: list, validation_examples: list, config: Traini
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=t.console, transient=False,
                         disable=not t.ranks.main)
-    with progress, StopRequest() as stop:
+    sharing = not t.ranks.distributed and t.accelerator.device.type == "cpu"  # processes in lockstep keep theirs
+    with progress, StopRequest() as stop, share_cpu(model, sharing):
         task = progress.add_task("train", total=t.total_steps, completed=t.step, info="")
         while t.step < t.total_steps and status == "completed":
             epoch = t.objective.epoch_steps(train_examples, config, t.state.epoch)
