@@ -413,3 +413,18 @@ def test_a_gpu_table_drawn_without_a_gpu_assumes_bf16_for_auto_precision():
         pytest.skip("this machine has CUDA: auto follows its GPU")
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+
+
+def test_the_allocator_s_share_follows_the_allocator_afina_runs_under(tiny_model_dir, tmp_path, ticket_rows,
+                                                                      monkeypatch):
+    from afina.estimate import memory
+
+    config = make_config(tiny_model_dir, tmp_path, ticket_rows)
+    examples = train_examples(config)
+    shares = {}
+    for allocator in ("glibc", "libtcmalloc_minimal.so.4"):
+        monkeypatch.setattr(memory, "running_allocator", lambda: allocator)
+        estimate = check_fits(config, examples, machine=NO_RUNTIME).memory
+        shares[allocator] = estimate.allocator / estimate.activations
+    assert shares["glibc"] == pytest.approx(memory.CPU_GLIBC_SHARE, rel=1e-3)
+    assert shares["libtcmalloc_minimal.so.4"] == pytest.approx(memory.CPU_ALLOCATOR_SHARE, rel=1e-3)

@@ -145,6 +145,18 @@ def money(value: float) -> str:
     return f"${value:,.2f}" if value >= 0.1 else f"${value:.4f}"
 
 
+def allocator_note(device: str) -> str:
+    """What the allocator row counts, naming the allocator this process (and so `afina train`) runs under."""
+    from afina.training.allocator import running_allocator
+
+    if device != "cpu":
+        return "freed memory the allocator keeps"
+    allocator = running_allocator()
+    if allocator == "glibc":
+        return "freed memory glibc's malloc keeps (tcmalloc keeps 0.4 of the activations, not 1.0)"
+    return f"freed memory {Path(allocator).name} keeps (glibc's malloc would keep 1.0 of the activations, not 0.4)"
+
+
 def estimate_table(estimate) -> Table:
     """One table: the run, its data, its memory by component, what would fit, time and cost."""
     memory, data, batch = estimate.memory, estimate.data, estimate.micro_batch
@@ -167,7 +179,7 @@ def estimate_table(estimate) -> Table:
     notes = {"runtime": "this process before the model loads" if estimate.device == "cpu" else "CUDA context",
              "weights": "parameters x dtype bytes", "gradients": "trained parameters",
              "optimizer": "AdamW moments", "activations": "one micro-batch, logits at trained positions",
-             "allocator": "freed memory the allocator keeps"}
+             "allocator": allocator_note(estimate.device)}
     for name, note in notes.items():
         table.add_row(name, gib(getattr(memory, name)), note)
     if memory.shape_caches:

@@ -17,12 +17,16 @@ from afina.estimate.activations import (MicroBatch, ModelShape, PreparedModel, a
                                         attention_keeps_scores, prepare_on_meta, weights_dtype)
 from afina.estimate.machine import Machine, mapped_while_loading
 from afina.training.loop import total_steps
+from afina.training.allocator import running_allocator
 from afina.training.objectives import TokenObjective, objective_for
 
-# glibc keeps freed activation blocks in its heaps, so resident memory outgrows the live bytes: measured
-# 34-44% of the activations for the default model on the development CPU (RSS against mallinfo2's bytes
-# in use, LoRA and full, 1 and 2 rows of 384 tokens, bf16 autocast); 30% in fp32.
+# Allocators keep freed activation blocks, so resident memory outgrows the live bytes. Under tcmalloc or
+# jemalloc (which the `afina` command starts under where installed): 34-44% of the activations for the
+# default model (RSS against the bytes in use, LoRA and full, 1 and 2 rows of 384 tokens, bf16 autocast;
+# 30% in fp32), and the own-data config's 2048-token rows peaked at 2.34 GiB against 2.57 predicted with
+# 40%. glibc's malloc keeps far more at long rows: the same run peaked at 3.36 GiB, 1.0 of the activations.
 CPU_ALLOCATOR_SHARE = 0.40
+CPU_GLIBC_SHARE = 1.0
 CUDA_ALLOCATOR_SHARE = 0.10  # PyTorch's caching allocator: fragmentation, a rough figure
 CACHED_SHAPES = 2  # shapes whose kernels stay cached under the bounded oneDNN caches (measured)
 
@@ -122,7 +126,7 @@ def plan_memory(config: RunConfig, examples: list[Example], machine: Machine, hf
     # fused AdamW updates in place; bitsandbytes' paged AdamW is counted as a foreach update (a temporary of all)
     step = model.trainable_bytes if paged else 0
     loading = machine.runtime + model.weight_bytes + (mapped_while_loading(config.model, dtype) if cpu else 0)
-    share = CPU_ALLOCATOR_SHARE if cpu else CUDA_ALLOCATOR_SHARE
+    share = (CPU_GLIBC_SHARE if running_allocator() == "glibc" else CPU_ALLOCATOR_SHARE) if cpu else CUDA_ALLOCATOR_SHARE
     caches = shape_cache_bytes(model, micro_batch_shapes(examples, config.training, objective)) if cpu and bf16 else 0
     memory = Memory(machine.runtime, model.weight_bytes, model.trainable_bytes, optimizer, activations,
                     int(share * activations), step, loading, caches)
