@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import TRL_ENV, worker_command, worker_result
 
-from afina.training.allocator import WAIT_SETTINGS
+from afina.training.cpu_share import USER_SETTINGS
 
 CORES = str(len(os.sched_getaffinity(0)))
 SYSTEMS = {"afina": {"system": "afina"}, "afina_fixed": {"system": "afina", "env": {"OMP_NUM_THREADS": CORES}},
@@ -68,10 +68,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--try", dest="tries", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                        help="also afina with these environment settings instead of its wait policy")
+                        help="also afina with these environment settings (OpenMP's, say)")
     parser.add_argument("--out", default="results/busy_machine")
     args = parser.parse_args()
-    for key in (*WAIT_SETTINGS, "OMP_NUM_THREADS"):  # every system starts from OpenMP's defaults
+    for key in USER_SETTINGS:  # every system starts from OpenMP's defaults and afina's thread share
         os.environ.pop(key, None)
     base = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "epoch_fraction": 1.0, "mode": "speed"}
     jobs = {name: {**base, **SYSTEMS[name]} for name in args.systems.split(",")}

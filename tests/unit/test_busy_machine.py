@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from afina.training import cpu_share
-from afina.training.allocator import WAIT_SETTINGS
-from afina.training.cpu_share import CpuShare, busy_seconds, share_cpu, threads_to_use
+from afina.training.cpu_share import USER_SETTINGS, CpuShare, busy_seconds, share_cpu, threads_to_use
 
 
 def run_child(code: str, env: dict) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items() if key not in (*WAIT_SETTINGS, "OMP_NUM_THREADS")}
+    environment = {key: value for key, value in os.environ.items() if key not in USER_SETTINGS}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**environment, **env})
 
@@ -84,12 +83,12 @@ def test_busy_seconds_count_only_this_process_cores():
 
 def test_the_user_s_own_thread_or_wait_settings_turn_the_share_off(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    for key in ("OMP_NUM_THREADS", *WAIT_SETTINGS):
+    for key in USER_SETTINGS:
         monkeypatch.delenv(key, raising=False)
     if not os.path.exists("/proc/stat"):
         pytest.skip("no /proc/stat on this system: afina never shares there")
     assert CpuShare.for_this_process() is not None
-    for key in ("OMP_NUM_THREADS", *WAIT_SETTINGS):
+    for key in USER_SETTINGS:
         monkeypatch.setenv(key, "1")
         assert CpuShare.for_this_process() is None, key
         monkeypatch.delenv(key)

@@ -147,14 +147,15 @@ def money(value: float) -> str:
 
 def allocator_note(device: str) -> str:
     """What the allocator row counts, naming the allocator this process (and so `afina train`) runs under."""
-    from afina.training.allocator import running_allocator
+    from afina.estimate.memory import CPU_ALLOCATOR_SHARE, CPU_GLIBC_SHARE, cpu_allocator_share
 
     if device != "cpu":
         return "freed memory the allocator keeps"
-    allocator = running_allocator()
+    allocator, share = cpu_allocator_share()
     if allocator == "glibc":
-        return "freed memory glibc's malloc keeps (tcmalloc keeps 0.4 of the activations, not 1.0)"
-    return f"freed memory {Path(allocator).name} keeps (glibc's malloc would keep 1.0 of the activations, not 0.4)"
+        return f"freed memory glibc's malloc keeps (tcmalloc keeps {CPU_ALLOCATOR_SHARE} of the activations, not {share})"
+    return (f"freed memory {Path(allocator).name} keeps (glibc's malloc would keep {CPU_GLIBC_SHARE} of the "
+            f"activations, not {share})")
 
 
 def estimate_table(estimate) -> Table:

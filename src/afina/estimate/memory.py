@@ -27,6 +27,13 @@ from afina.training.objectives import TokenObjective, objective_for
 # 40%. glibc's malloc keeps far more at long rows: the same run peaked at 3.36 GiB, 1.0 of the activations.
 CPU_ALLOCATOR_SHARE = 0.40
 CPU_GLIBC_SHARE = 1.0
+
+
+def cpu_allocator_share() -> tuple[str, float]:
+    """The allocator this process (and so `afina train`, started the same way) runs under, and the share
+    of the activations it keeps on CPU."""
+    allocator = running_allocator()
+    return allocator, CPU_GLIBC_SHARE if allocator == "glibc" else CPU_ALLOCATOR_SHARE
 CUDA_ALLOCATOR_SHARE = 0.10  # PyTorch's caching allocator: fragmentation, a rough figure
 CACHED_SHAPES = 2  # shapes whose kernels stay cached under the bounded oneDNN caches (measured)
 
@@ -126,7 +133,7 @@ def plan_memory(config: RunConfig, examples: list[Example], machine: Machine, hf
     # fused AdamW updates in place; bitsandbytes' paged AdamW is counted as a foreach update (a temporary of all)
     step = model.trainable_bytes if paged else 0
     loading = machine.runtime + model.weight_bytes + (mapped_while_loading(config.model, dtype) if cpu else 0)
-    share = (CPU_GLIBC_SHARE if running_allocator() == "glibc" else CPU_ALLOCATOR_SHARE) if cpu else CUDA_ALLOCATOR_SHARE
+    share = cpu_allocator_share()[1] if cpu else CUDA_ALLOCATOR_SHARE
     caches = shape_cache_bytes(model, micro_batch_shapes(examples, config.training, objective)) if cpu and bf16 else 0
     memory = Memory(machine.runtime, model.weight_bytes, model.trainable_bytes, optimizer, activations,
                     int(share * activations), step, loading, caches)
